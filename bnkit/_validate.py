@@ -1,0 +1,75 @@
+"""Input checks shared by the NumPy reference and the PyTorch path.
+
+Every check raises a ValueError that names the problem, before any state changes.
+They only use ``.ndim``, ``.shape`` and ``isfinite``, so they accept NumPy arrays and
+torch tensors alike.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def stat_axes(ndim: int) -> tuple[int, ...]:
+    """Axes the statistics are taken over: the batch (and spatial) axes."""
+    if ndim == 2:
+        return (0,)  # (m, n): per feature over m values
+    if ndim == 4:
+        return (0, 2, 3)  # (m, C, H, W): per channel over m*H*W values
+    raise ValueError(
+        f"expected z of shape (m, n) or (m, C, H, W), got an array with {ndim} dimension(s)"
+    )
+
+
+def values_per_feature(shape: tuple[int, ...]) -> int:
+    """How many values each feature/channel's statistics are taken over (m or m*H*W)."""
+    return math.prod(shape[a] for a in stat_axes(len(shape)))
+
+
+def check_eps(eps: float) -> None:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive number (it keeps sqrt(var + eps) away from 0), got {eps!r}")
+
+
+def check_feature_vector(name: str, v, num_features: int) -> None:
+    """gamma, beta, mean and var hold one value per feature/channel."""
+    if tuple(v.shape) != (num_features,):
+        raise ValueError(
+            f"{name} must have shape ({num_features},), one value per feature/channel of z, "
+            f"got shape {tuple(v.shape)}"
+        )
+
+
+def all_finite(x) -> bool:
+    """True if no value of x (a NumPy array or a torch tensor) is NaN or infinite."""
+    if hasattr(x, "isfinite"):  # a torch tensor
+        return bool(x.isfinite().all())
+    return bool(np.isfinite(x).all())
+
+
+def check_training_batch(z) -> int:
+    """A training batch: (m, n) or (m, C, H, W), more than one value per feature, all finite.
+
+    Returns the number of values each feature's statistics are taken over.
+    """
+    count = values_per_feature(tuple(z.shape))
+    if count < 2:
+        raise ValueError(
+            f"a training batch needs more than one value per feature/channel, got z of shape "
+            f"{tuple(z.shape)}: with one value, mu = z and var = 0, so every output would be beta"
+        )
+    if not all_finite(z):
+        raise ValueError("the training batch z contains NaN or infinite values")
+    return count
+
+
+def check_momentum(momentum, allow_none: bool = True) -> None:
+    """PyTorch convention: running = (1 - momentum) * running + momentum * batch, 0 <= momentum <= 1."""
+    if momentum is None and allow_none:
+        return
+    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+        raise ValueError(
+            f"momentum must be in [0, 1] (PyTorch convention: the weight of the new batch)"
+            f"{' or None (cumulative average)' if allow_none else ''}, got {momentum!r}"
+        )

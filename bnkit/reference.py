@@ -1,0 +1,185 @@
+"""Batch Norm, the five steps of the table, in NumPy: the teaching reference.
+
+    step 1   mu       = 1/m sum_i z_i                     batch_mean(z)
+    step 2   z_new    = z - mu                            center(z, mu)
+    step 3   var      = 1/m sum_i z_new_i**2              batch_variance(z_new)
+    step 4   z_norm   = z_new / sqrt(var + eps)           normalize(z_new, var, eps)
+    step 5   z_tilde  = gamma * z_norm + beta             scale_shift(z_norm, gamma, beta)
+
+z is (m, n): statistics per feature over the m examples; or (m, C, H, W): per channel
+over the m*H*W values. Per-feature vectors (mu, var, gamma, beta) have shape (n,) or (C,).
+
+The functions use only array methods and operators that NumPy arrays and torch tensors
+share, so ``bnkit.torch_bn`` runs these same lines on tensors (any device, autograd).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from bnkit._validate import (
+    check_eps,
+    check_feature_vector,
+    check_training_batch,
+    stat_axes,
+    values_per_feature,
+)
+
+Array = Any  # a NumPy array, or a torch tensor when called from bnkit.torch_bn
+
+
+def _per_feature(v: Array, ndim: int) -> Array:
+    """Reshape a per-feature vector (n,) or (C,) so it broadcasts against z."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))  # (1, n) or (1, C, 1, 1)
+
+
+# ---------------------------------------------------------------- the five steps
+
+
+def batch_mean(z: Array) -> Array:
+    """Step 1: mu, shape (n,) or (C,), the mean of each feature over the batch."""
+    return z.mean(axis=stat_axes(z.ndim))
+
+
+def center(z: Array, mu: Array) -> Array:
+    """Step 2: z_new = z - mu, the shape of z."""
+    return z - _per_feature(mu, z.ndim)
+
+
+def batch_variance(z_new: Array) -> Array:
+    """Step 3: var, shape (n,) or (C,), the biased (1/m) variance of the centred batch."""
+    return (z_new * z_new).mean(axis=stat_axes(z_new.ndim))
+
+
+def normalize(z_new: Array, var: Array, eps: float) -> Array:
+    """Step 4: z_norm = z_new / sqrt(var + eps), the shape of z_new. eps sits inside the root."""
+    return z_new / _per_feature((var + eps) ** 0.5, z_new.ndim)
+
+
+def scale_shift(z_norm: Array, gamma: Array, beta: Array) -> Array:
+    """Step 5: z_tilde = gamma * z_norm + beta, the shape of z_norm."""
+    return _per_feature(gamma, z_norm.ndim) * z_norm + _per_feature(beta, z_norm.ndim)
+
+
+# ---------------------------------------------------------------- training and test time
+
+
+class Cache(NamedTuple):
+    """What the backward pass needs from forward_train."""
+
+    z_new: Array  # (m, n) or (m, C, H, W), step 2
+    var: Array  # (n,) or (C,), step 3 (biased)
+    z_norm: Array  # like z_new, step 4
+    gamma: Array  # (n,) or (C,)
+    eps: float
+
+
+def _check_params(z: Array, **vectors: Array) -> None:
+    stat_axes(z.ndim)  # (m, n) or (m, C, H, W), else ValueError
+    for name, v in vectors.items():
+        check_feature_vector(name, v, z.shape[1])
+
+
+def forward_train(z: Array, gamma: Array, beta: Array, eps: float = 1e-5) -> tuple[Array, Cache]:
+    """Training-time Batch Norm with the statistics of the batch itself.
+
+    z: (m, n) or (m, C, H, W); gamma, beta: (n,) or (C,).
+    Returns z_tilde (the shape of z) and the Cache for ``backward``.
+    The batch mean and variance are ``batch_mean(z)`` and ``cache.var``.
+    """
+    _check_params(z, gamma=gamma, beta=beta)
+    check_eps(eps)
+    check_training_batch(z)
+    mu = batch_mean(z)  # step 1: (n,)
+    z_new = center(z, mu)  # step 2: (m, n)
+    var = batch_variance(z_new)  # step 3: (n,)
+    z_norm = normalize(z_new, var, eps)  # step 4: (m, n)
+    z_tilde = scale_shift(z_norm, gamma, beta)  # step 5: (m, n)
+    return z_tilde, Cache(z_new, var, z_norm, gamma, eps)
+
+
+def forward_infer(
+    z: Array, gamma: Array, beta: Array, mean: Array, var: Array, eps: float = 1e-5
+) -> Array:
+    """Test-time Batch Norm: steps 2, 4 and 5 with a fixed mean and var (no batch statistics).
+
+    z: (m, n), (m, C, H, W), or a single example of shape (n,).
+    gamma, beta, mean, var: (n,) or (C,). Returns an array the shape of z.
+    """
+    single = z.ndim == 1
+    if single:
+        z = z.reshape(1, -1)  # one example: (1, n)
+    _check_params(z, gamma=gamma, beta=beta, mean=mean, var=var)
+    check_eps(eps)
+    z_new = center(z, mean)  # step 2 with the running/population mean
+    z_norm = normalize(z_new, var, eps)  # step 4 with the running/population variance
+    z_tilde = scale_shift(z_norm, gamma, beta)  # step 5
+    return z_tilde[0] if single else z_tilde
+
+
+def inference_affine(
+    gamma: Array, beta: Array, mean: Array, var: Array, eps: float = 1e-5
+) -> tuple[Array, Array]:
+    """At test time BN is the affine map z -> scale * z + shift, per feature.
+
+    scale = gamma / sqrt(var + eps), shift = beta - mean * scale; all shapes (n,) or (C,).
+    The same scale and shift fold BN into a preceding Linear or Conv layer.
+    """
+    check_eps(eps)
+    scale = gamma / (var + eps) ** 0.5
+    return scale, beta - mean * scale
+
+
+def forward_infer_affine(z: Array, scale: Array, shift: Array) -> Array:
+    """The fast test-time path: one multiply-add per value with a precomputed scale and shift.
+
+    z: (m, n) or (m, C, H, W); scale, shift: (n,) or (C,) from ``inference_affine``.
+    Equal to ``forward_infer`` up to round-off.
+    """
+    _check_params(z, scale=scale, shift=shift)
+    out = z * _per_feature(scale, z.ndim)  # one new array ...
+    out += _per_feature(shift, z.ndim)  # ... updated in place: a single extra pass
+    return out
+
+
+# ---------------------------------------------------------------- backward
+
+
+def backward_staged(dz_tilde: Array, cache: Cache) -> tuple[Array, Array, Array]:
+    """The chain rule back through the five steps, one step at a time (step 5 to step 1).
+
+    dz_tilde: upstream gradient, the shape of z. Returns (dz, dgamma, dbeta):
+    dz the shape of z, dgamma and dbeta (n,) or (C,).
+    """
+    z_new, var, z_norm, gamma, eps = cache
+    axes, nd = stat_axes(z_new.ndim), z_new.ndim
+    m = values_per_feature(z_new.shape)  # values per feature
+    # step 5: z_tilde = gamma * z_norm + beta
+    dgamma = (dz_tilde * z_norm).sum(axis=axes)
+    dbeta = dz_tilde.sum(axis=axes)
+    dz_norm = dz_tilde * _per_feature(gamma, nd)
+    # step 4: z_norm = z_new * (var + eps) ** -1/2  (z_new reaches z_norm directly and through var)
+    inv_std = (var + eps) ** -0.5
+    dz_new = dz_norm * _per_feature(inv_std, nd)
+    dvar = -0.5 * (dz_norm * z_new).sum(axis=axes) * inv_std**3
+    # step 3: var = 1/m sum z_new**2
+    dz_new = dz_new + _per_feature(dvar, nd) * 2.0 * z_new / m
+    # step 2: z_new = z - mu  (z reaches z_new directly and through mu)
+    dmu = -dz_new.sum(axis=axes)
+    # step 1: mu = 1/m sum z
+    dz = dz_new + _per_feature(dmu, nd) / m
+    return dz, dgamma, dbeta
+
+
+def backward(dz_tilde: Array, cache: Cache) -> tuple[Array, Array, Array]:
+    """The closed form: dz = gamma / (m sqrt(var + eps)) * (m dz_tilde - sum dz_tilde - z_norm sum(dz_tilde z_norm)).
+
+    Same arguments and results as ``backward_staged``, in fewer passes over the data.
+    """
+    _, var, z_norm, gamma, eps = cache
+    axes, nd = stat_axes(z_norm.ndim), z_norm.ndim
+    m = values_per_feature(z_norm.shape)
+    dbeta = dz_tilde.sum(axis=axes)  # (n,)
+    dgamma = (dz_tilde * z_norm).sum(axis=axes)  # (n,)
+    k = gamma * (var + eps) ** -0.5 / m  # (n,)
+    dz = _per_feature(k, nd) * (m * dz_tilde - _per_feature(dbeta, nd) - z_norm * _per_feature(dgamma, nd))
+    return dz, dgamma, dbeta
