@@ -11,6 +11,13 @@ import math
 import numpy as np
 
 
+def feature_axes(ndim: int) -> tuple[int, ...]:
+    """All axes but the feature/channel axis 1, for any input of 2 or more dimensions."""
+    if ndim < 2:
+        raise ValueError(f"expected z with a batch axis and a feature axis, got {ndim} dimension(s)")
+    return (0,) + tuple(range(2, ndim))
+
+
 def stat_axes(ndim: int) -> tuple[int, ...]:
     """Axes the statistics are taken over: the batch (and spatial) axes."""
     if ndim == 2:

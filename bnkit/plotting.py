@@ -1,0 +1,51 @@
+"""One look for every figure in the book, and the plots the chapters share."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+import numpy as np
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+
+
+def style() -> None:
+    """Set the book's matplotlib style: small clean axes, a fixed colour cycle, SVG-sharp PNGs."""
+    mpl.rcParams.update(
+        {
+            "figure.figsize": (7.0, 3.2),
+            "figure.dpi": 100,
+            "savefig.dpi": 150,
+            "font.size": 10,
+            "axes.titlesize": 10,
+            "axes.labelsize": 10,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.prop_cycle": mpl.cycler(color=COLORS),
+            "legend.frameon": False,
+            "figure.constrained_layout.use": True,
+        }
+    )
+
+
+def unit_histograms(
+    stages: Mapping[str, np.ndarray], units: Sequence[int], bins: int = 20
+) -> tuple[plt.Figure, np.ndarray]:
+    """Histograms of a few hidden units (columns of z) at several stages, one panel per stage.
+
+    stages: title -> array (m, n), e.g. {"z": z, "z_norm": z_norm}; units: column indices.
+    Each panel overlays the chosen units, one colour per unit.
+    Returns the figure and its array of axes (one per stage).
+    """
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.8), squeeze=False)
+    for ax, (title, z) in zip(axes[0], stages.items()):
+        for j, unit in enumerate(units):
+            ax.hist(z[:, unit], bins=bins, alpha=0.5, color=COLORS[j % len(COLORS)], label=f"unit {unit}")
+        ax.set_title(title)
+        ax.set_xlabel("value")
+    axes[0, 0].set_ylabel("examples")
+    axes[0, -1].legend(fontsize=8)
+    return fig, axes[0]
