@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from bnkit._validate import (
     check_eps,
     check_feature_vector,
@@ -57,7 +59,9 @@ def normalize(z_new: Array, var: Array, eps: float) -> Array:
 
 def scale_shift(z_norm: Array, gamma: Array, beta: Array) -> Array:
     """Step 5: z_tilde = gamma * z_norm + beta, the shape of z_norm."""
-    return _per_feature(gamma, z_norm.ndim) * z_norm + _per_feature(beta, z_norm.ndim)
+    z_tilde = _per_feature(gamma, z_norm.ndim) * z_norm
+    z_tilde += _per_feature(beta, z_norm.ndim)  # in place: no second temporary array
+    return z_tilde
 
 
 # ---------------------------------------------------------------- training and test time
@@ -66,11 +70,15 @@ def scale_shift(z_norm: Array, gamma: Array, beta: Array) -> Array:
 class Cache(NamedTuple):
     """What the backward pass needs from forward_train."""
 
-    z_new: Array  # (m, n) or (m, C, H, W), step 2
+    z_norm: Array  # (m, n) or (m, C, H, W), step 4
     var: Array  # (n,) or (C,), step 3 (biased)
-    z_norm: Array  # like z_new, step 4
     gamma: Array  # (n,) or (C,)
     eps: float
+
+    @property
+    def z_new(self) -> Array:
+        """Step 2's z - mu, recovered as z_norm * sqrt(var + eps) (not stored: saves memory)."""
+        return self.z_norm * _per_feature((self.var + self.eps) ** 0.5, self.z_norm.ndim)
 
 
 def _check_params(z: Array, **vectors: Array) -> None:
@@ -93,8 +101,9 @@ def forward_train(z: Array, gamma: Array, beta: Array, eps: float = 1e-5) -> tup
     z_new = center(z, mu)  # step 2: (m, n)
     var = batch_variance(z_new)  # step 3: (n,)
     z_norm = normalize(z_new, var, eps)  # step 4: (m, n)
+    del z_new  # no longer needed: freeing it keeps peak memory at 2x the input
     z_tilde = scale_shift(z_norm, gamma, beta)  # step 5: (m, n)
-    return z_tilde, Cache(z_new, var, z_norm, gamma, eps)
+    return z_tilde, Cache(z_norm, var, gamma, eps)
 
 
 def forward_infer(
@@ -136,9 +145,21 @@ def forward_infer_affine(z: Array, scale: Array, shift: Array) -> Array:
     Equal to ``forward_infer`` up to round-off.
     """
     _check_params(z, scale=scale, shift=shift)
-    out = z * _per_feature(scale, z.ndim)  # one new array ...
-    out += _per_feature(shift, z.ndim)  # ... updated in place: a single extra pass
+    scale, shift = _per_feature(scale, z.ndim), _per_feature(shift, z.ndim)
+    if not isinstance(z, np.ndarray):  # a tensor: PyTorch runs this as one fused pass
+        return z * scale + shift
+    # NumPy has no fused multiply-add: work through z in blocks of examples that fit in the
+    # CPU cache, so the add re-reads what the multiply just wrote from cache, not from memory.
+    out = np.empty(z.shape, dtype=np.result_type(z, scale))
+    rows = max(1, _BLOCK_BYTES // max(1, z[0].nbytes))
+    for start in range(0, z.shape[0], rows):
+        block = out[start : start + rows]
+        np.multiply(z[start : start + rows], scale, out=block)
+        block += shift
     return out
+
+
+_BLOCK_BYTES = 256 * 1024  # fits in L2 on current CPUs
 
 
 # ---------------------------------------------------------------- backward
@@ -150,7 +171,8 @@ def backward_staged(dz_tilde: Array, cache: Cache) -> tuple[Array, Array, Array]
     dz_tilde: upstream gradient, the shape of z. Returns (dz, dgamma, dbeta):
     dz the shape of z, dgamma and dbeta (n,) or (C,).
     """
-    z_new, var, z_norm, gamma, eps = cache
+    z_norm, var, gamma, eps = cache
+    z_new = cache.z_new  # (m, n), step 2's output
     axes, nd = stat_axes(z_new.ndim), z_new.ndim
     m = values_per_feature(z_new.shape)  # values per feature
     # step 5: z_tilde = gamma * z_norm + beta
@@ -175,7 +197,7 @@ def backward(dz_tilde: Array, cache: Cache) -> tuple[Array, Array, Array]:
 
     Same arguments and results as ``backward_staged``, in fewer passes over the data.
     """
-    _, var, z_norm, gamma, eps = cache
+    z_norm, var, gamma, eps = cache
     axes, nd = stat_axes(z_norm.ndim), z_norm.ndim
     m = values_per_feature(z_norm.shape)
     dbeta = dz_tilde.sum(axis=axes)  # (n,)
