@@ -11,7 +11,7 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
 def style() -> None:
-    """Set the book's matplotlib style: small clean axes, a fixed colour cycle, SVG-sharp PNGs."""
+    """Set the book's matplotlib style: small clean axes, light grid, a fixed colour cycle."""
     mpl.rcParams.update(
         {
             "figure.figsize": (7.0, 3.2),
@@ -37,13 +37,14 @@ def unit_histograms(
     """Histograms of a few hidden units (columns of z) at several stages, one panel per stage.
 
     stages: title -> array (m, n), e.g. {"z": z, "z_norm": z_norm}; units: column indices.
-    Each panel overlays the chosen units, one colour per unit.
+    Each panel overlays the chosen units, one colour per unit, on shared bin edges.
     Returns the figure and its array of axes (one per stage).
     """
     fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.8), squeeze=False)
     for ax, (title, z) in zip(axes[0], stages.items()):
+        edges = np.histogram_bin_edges(z[:, list(units)], bins=bins)
         for j, unit in enumerate(units):
-            ax.hist(z[:, unit], bins=bins, alpha=0.5, color=COLORS[j % len(COLORS)], label=f"unit {unit}")
+            ax.hist(z[:, unit], bins=edges, alpha=0.5, color=COLORS[j % len(COLORS)], label=f"unit {unit}")
         ax.set_title(title)
         ax.set_xlabel("value")
     axes[0, 0].set_ylabel("examples")

@@ -1,0 +1,377 @@
+"""Exercise checkers: run a learner's function on fresh inputs and explain what went wrong.
+
+Each checker compares the learner's function with ``bnkit.reference`` on several cases
+((m, n) and (m, C, H, W) inputs, m = 2, a feature with a large offset, a constant feature,
+float32). On success it prints one line and returns None. On failure it raises an
+``ExerciseError`` whose message names the mistake, found by comparing the learner's output
+with known wrong variants (1/(m-1), the wrong axis, eps outside the root, ...).
+
+A new checker is a few lines: a list of ``Case``s and a list of ``(wrong_variant, message)``
+pairs passed to ``check_function``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bnkit import reference as ref
+from bnkit._validate import stat_axes, values_per_feature
+
+__all__ = [
+    "ExerciseError",
+    "Case",
+    "check_function",
+    "batch_mean",
+    "center",
+    "batch_variance",
+    "normalize",
+    "scale_shift",
+    "forward_train",
+]
+
+
+class ExerciseError(AssertionError):
+    """A learner's answer is wrong; the message says how. Shown without a traceback in Jupyter."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython shows these lines instead of a traceback
+        return [f"ExerciseError: {self}"]
+
+
+@dataclass
+class Case:
+    """One test input: a label for messages, the positional arguments, and a hint shown on failure."""
+
+    label: str
+    args: tuple
+    hint: str = ""
+    float32: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.float32 = any(getattr(a, "dtype", None) == np.float32 for a in self.args)
+
+
+Variant = Callable[..., Any]
+
+# ---------------------------------------------------------------- the generic machinery
+
+
+def _copy(a: Any) -> Any:
+    return a.copy() if isinstance(a, np.ndarray) else a
+
+
+def _where_in_learner_code(fn: Callable, exc: BaseException) -> str:
+    """', at line N: <source>' for the innermost frame of the learner's own code, if any."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    filename = getattr(code, "co_filename", None)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (line {f.lineno}: {f.line.strip()})" if f.line else f" (line {f.lineno})"
+
+
+def _call(name: str, fn: Callable, case: Case) -> np.ndarray:
+    """Call the learner's function on copies of the case's arguments; explain any exception."""
+    try:
+        with np.errstate(all="ignore"):
+            out = fn(*(_copy(a) for a in case.args))
+    except NotImplementedError:
+        raise ExerciseError(
+            f"{name}: not implemented yet: replace the stub `raise NotImplementedError(...)` "
+            f"in {getattr(fn, '__name__', 'your function')} with your code"
+        ) from None
+    except Exception as e:  # the learner's code failed: report it, not a traceback from bnkit
+        where = _where_in_learner_code(fn, e)
+        hint = f" Hint: {case.hint}" if case.hint else ""
+        raise ExerciseError(
+            f"{name}: your function raised {type(e).__name__}: {str(e).strip()}{where}, on {case.label}.{hint}"
+        ) from None
+    if out is None:
+        raise ExerciseError(f"{name}: your function returned None: did you forget `return`?")
+    if hasattr(out, "detach"):  # a torch tensor
+        out = out.detach().cpu().numpy()
+    try:
+        return np.asarray(out, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ExerciseError(
+            f"{name}: your function returned {type(out).__name__}, not an array of numbers"
+        ) from None
+
+
+def _close(got: np.ndarray, expected: np.ndarray, case: Case) -> bool:
+    """Equal shapes and values to round-off (looser for float32 inputs)."""
+    if got.shape != expected.shape:
+        return False
+    tol = 1e-4 if case.float32 else 1e-8
+    scale = max([1.0] + [float(np.max(np.abs(a))) for a in case.args if isinstance(a, np.ndarray)])
+    with np.errstate(all="ignore"):
+        return bool(np.allclose(got, expected, rtol=tol, atol=tol * scale, equal_nan=True))
+
+
+def check_function(
+    name: str,
+    fn: Callable,
+    reference: Callable,
+    cases: Sequence[Case],
+    diagnoses: Sequence[tuple[Variant, str]] = (),
+) -> None:
+    """Check ``fn`` against ``reference`` on every case; raise ExerciseError at the first failure.
+
+    A wrong output is compared with each ``wrong_variant(*case.args)`` in turn: the first that
+    it matches gives the message. Otherwise the message reports the shape or the largest error.
+    On success prints one line and returns None.
+    """
+    __tracebackhide__ = True  # pytest: show the learner the message, not this frame
+    if not callable(fn):
+        raise ExerciseError(f"{name}: expected a function, got {type(fn).__name__}")
+    for case in cases:
+        expected = np.asarray(reference(*case.args))
+        got = _call(name, fn, case)
+        if _close(got, expected, case):
+            continue
+        for variant, message in diagnoses:
+            try:
+                with np.errstate(all="ignore"):
+                    wrong = np.asarray(variant(*case.args))
+            except Exception:  # a variant that does not apply to this shape
+                continue
+            if _close(got, wrong, case):
+                raise ExerciseError(f"{name}: {message} (on {case.label})")
+        hint = f" Hint: {case.hint}" if case.hint else ""
+        if got.shape != expected.shape:
+            raise ExerciseError(
+                f"{name}: wrong shape on {case.label}: expected {expected.shape}, got {got.shape}.{hint}"
+            )
+        if not np.all(np.isfinite(got)):
+            raise ExerciseError(f"{name}: your output contains NaN or inf on {case.label}.{hint}")
+        err = np.abs(got.astype(np.float64) - expected)
+        i = np.unravel_index(np.argmax(err), err.shape)
+        raise ExerciseError(
+            f"{name}: wrong values on {case.label}: at index {tuple(int(k) for k in i)} "
+            f"expected {expected[i]:.6g}, got {got[i]:.6g}.{hint}"
+        )
+    print(f"✓ {name}: correct on {len(cases)} test cases")
+
+
+# ---------------------------------------------------------------- test inputs and helpers
+
+
+def _vec(v: np.ndarray, ndim: int) -> np.ndarray:
+    """A per-feature vector (n,) reshaped to broadcast against z: (1, n) or (1, C, 1, 1)."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _wrong_axes(ndim: int) -> tuple[int, ...]:
+    """The axes a learner mixes up with the batch axes: the feature axes (per-example statistics)."""
+    return (1,) if ndim == 2 else (1, 2, 3)
+
+
+HINT_4D = (
+    "for z of shape (m, C, H, W) the statistics are per channel, over axes (0, 2, 3), and a "
+    "per-channel vector of shape (C,) must be reshaped to (1, C, 1, 1) to broadcast against z."
+)
+
+
+def _batches(seed: int) -> list[tuple[str, np.ndarray, str]]:
+    """(label, z, hint) for every kind of input: features with different means and spreads."""
+    rng = np.random.default_rng(seed)
+
+    def z2(m: int, n: int) -> np.ndarray:  # (m, n), feature j has mean ~ N(0, 3), spread in [0.5, 3]
+        return rng.normal(size=(m, n)) * rng.uniform(0.5, 3, n) + rng.normal(0, 3, n)
+
+    offset = z2(16, 4)
+    offset[:, 2] += 1e4  # one feature sitting far from 0
+    constant = z2(6, 5)
+    constant[:, 1] = 2.5  # one feature with the same value in every example: var = 0
+    z4 = rng.normal(size=(4, 3, 5, 6)) * rng.uniform(0.5, 3, (1, 3, 1, 1)) + rng.normal(0, 3, (1, 3, 1, 1))
+    z4_32 = rng.normal(size=(2, 4, 3, 5)) + rng.normal(0, 3, (1, 4, 1, 1))
+    return [
+        ("z of shape (8, 5), (m, n)", z2(8, 5), ""),
+        ("z of shape (2, 3): m = 2, the smallest batch", z2(2, 3), ""),
+        ("z of shape (16, 4) with feature 2 offset by 10000", offset, ""),
+        ("z of shape (6, 5) with feature 1 constant (var = 0)", constant, ""),
+        ("z of shape (10, 7), float32", z2(10, 7).astype(np.float32), ""),
+        ("z of shape (4, 3, 5, 6), (m, C, H, W)", z4, HINT_4D),
+        ("z of shape (2, 4, 3, 5), (m, C, H, W) float32", z4_32.astype(np.float32), HINT_4D),
+    ]
+
+
+def _params(z: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """gamma (some negative) and beta, shape (n,) or (C,), in z's dtype, never equal to each other."""
+    rng = np.random.default_rng(seed)
+    n = z.shape[1]
+    gamma = rng.uniform(0.5, 2.0, n) * rng.choice([-1.0, 1.0], n)
+    beta = rng.normal(0, 2, n) + 5.0  # shifted away from gamma's range
+    return gamma.astype(z.dtype), beta.astype(z.dtype)
+
+
+_EPS = (1e-5, 1e-3, 0.5, 1e-5, 0.1, 1e-5, 0.2)  # one per batch: large eps makes eps mistakes visible
+
+
+def _stages(seed: int) -> list[tuple[str, dict[str, Any], str]]:
+    """Every intermediate of the five steps for each batch, computed with bnkit.reference."""
+    out = []
+    for k, (label, z, hint) in enumerate(_batches(seed)):
+        gamma, beta = _params(z, seed + k)
+        eps = _EPS[k % len(_EPS)]
+        mu = ref.batch_mean(z)
+        z_new = ref.center(z, mu)
+        var = ref.batch_variance(z_new)
+        z_norm = ref.normalize(z_new, var, eps)
+        s = dict(z=z, mu=mu, z_new=z_new, var=var, eps=eps, z_norm=z_norm, gamma=gamma, beta=beta)
+        out.append((label, s, hint))
+    return out
+
+
+def _cases(seed: int, *names: str) -> list[Case]:
+    """Cases whose arguments are the named stages, e.g. _cases(0, "z_new", "var", "eps")."""
+    cases = []
+    for label, s, hint in _stages(seed):
+        if "eps" in names:
+            label = f"{label}, eps = {s['eps']:g}"
+        cases.append(Case(label, tuple(s[k] for k in names), hint))
+    return cases
+
+
+def _mean(x: np.ndarray, axes: tuple[int, ...] | None = None, **kw: Any) -> np.ndarray:
+    return x.mean(axis=stat_axes(x.ndim) if axes is None else axes, **kw)
+
+
+def _only_4d(z: np.ndarray, axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes, for a mistake only possible with (m, C, H, W) input; else not applicable."""
+    if z.ndim != 4:
+        raise ValueError("this mistake needs (m, C, H, W) input")
+    return axes
+
+
+def _reduction_mistakes(reduce: Callable[..., np.ndarray], what: str) -> list[tuple[Variant, str]]:
+    """Axis and shape mistakes shared by every per-feature statistic (step 1 and step 3)."""
+    return [
+        (lambda z: reduce(z, _wrong_axes(z.ndim)),
+         f"you took the {what} over the wrong axis: statistics are per feature, over the batch "
+         "axis 0 (axes (0, 2, 3) for (m, C, H, W)), so the result has one value per feature, shape (n,)"),
+        (lambda z: reduce(z, _only_4d(z, (0,))),
+         f"for (m, C, H, W) input you took the {what} over the batch axis only: a channel's "
+         "statistics are over all m*H*W values, axes (0, 2, 3), giving shape (C,)"),
+        (lambda z: reduce(z, tuple(range(z.ndim))),
+         f"you took one {what} of all the values: Batch Norm keeps one per feature, shape (n,)"),
+        (lambda z: reduce(z, stat_axes(z.ndim), keepdims=True),
+         f"the {what} should have shape (n,) or (C,), one value per feature: drop keepdims=True"),
+    ]
+
+
+# ---------------------------------------------------------------- the checkers, one per step
+
+
+def batch_mean(fn: Callable, seed: int = 0) -> None:
+    """Step 1: check ``fn(z) -> mu``, shape (n,) or (C,)."""
+    diagnoses = _reduction_mistakes(lambda z, axes, **kw: _mean(z, axes, **kw), "mean") + [
+        (lambda z: z.sum(axis=stat_axes(z.ndim)),
+         "you summed but did not divide by m: mu = 1/m sum_i z_i"),
+        (lambda z: z.sum(axis=stat_axes(z.ndim)) / (values_per_feature(z.shape) - 1),
+         "you divided by m-1: the mean is 1/m sum_i z_i"),
+    ]
+    check_function("batch_mean", fn, ref.batch_mean, _cases(seed, "z"), diagnoses)
+
+
+def center(fn: Callable, seed: int = 0) -> None:
+    """Step 2: check ``fn(z, mu) -> z_new``, the shape of z."""
+    diagnoses = [
+        (lambda z, mu: _vec(mu, z.ndim) - z, "wrong sign: z_new = z - mu, not mu - z"),
+        (lambda z, mu: z + _vec(mu, z.ndim), "you added mu: centring subtracts it, z_new = z - mu"),
+        (lambda z, mu: z - z.mean(axis=_wrong_axes(z.ndim), keepdims=True),
+         "you subtracted each example's own mean (the wrong axis): subtract mu, the per-feature "
+         "mean over the batch"),
+        (lambda z, mu: z - mu.mean(), "you subtracted one number from everything: subtract each feature's own mu"),
+        (lambda z, mu: z, "you returned z unchanged: subtract mu"),
+    ]
+    check_function("center", fn, ref.center, _cases(seed, "z", "mu"), diagnoses)
+
+
+def batch_variance(fn: Callable, seed: int = 0) -> None:
+    """Step 3: check ``fn(z_new) -> var``, shape (n,) or (C,), the biased (1/m) variance."""
+    sq_mean = lambda x, axes, **kw: _mean(x * x, axes, **kw)  # noqa: E731
+    diagnoses = _reduction_mistakes(sq_mean, "variance") + [
+        (lambda x: (x * x).sum(axis=stat_axes(x.ndim)) / (values_per_feature(x.shape) - 1),
+         "you divided by m-1: at training time BN uses the biased 1/m (the batch's own variance), "
+         "not the unbiased 1/(m-1)"),
+        (lambda x: _mean(x * x) ** 0.5,
+         "you returned the standard deviation: step 3 is the variance sigma^2, no square root "
+         "yet (that comes in step 4)"),
+        (lambda x: 0.0 * _mean(x),
+         "your variance is 0 for every feature: square each value, then average, "
+         "var = 1/m sum_i (z_new_i)^2 (not 1/m sum_i z_new_i, nor its square: z_new has mean 0)"),
+        (lambda x: _mean(np.abs(x)), "you averaged |z_new|: square each value instead, 1/m sum_i (z_new_i)^2"),
+        (lambda x: (x * x).sum(axis=stat_axes(x.ndim)), "you summed the squares but did not divide by m"),
+    ]
+    check_function("batch_variance", fn, ref.batch_variance, _cases(seed, "z_new"), diagnoses)
+
+
+def normalize(fn: Callable, seed: int = 0) -> None:
+    """Step 4: check ``fn(z_new, var, eps) -> z_norm``, the shape of z_new."""
+    diagnoses = [
+        (lambda x, var, eps: x / _vec(var**0.5 + eps, x.ndim),
+         "eps belongs inside the square root: divide by sqrt(var + eps), not sqrt(var) + eps"),
+        (lambda x, var, eps: x / _vec(var**0.5, x.ndim),
+         "you left out eps: divide by sqrt(var + eps), so that a feature with var = 0 gives 0, not 0/0"),
+        (lambda x, var, eps: x / _vec(var + eps, x.ndim),
+         "you divided by the variance: divide by the standard deviation sqrt(var + eps)"),
+        (lambda x, var, eps: x * _vec((var + eps) ** 0.5, x.ndim),
+         "you multiplied by sqrt(var + eps): divide by it"),
+        (lambda x, var, eps: x / np.sqrt(np.mean(var) + eps),
+         "you divided by one number for all features: each feature uses its own var"),
+    ]
+    check_function("normalize", fn, ref.normalize, _cases(seed, "z_new", "var", "eps"), diagnoses)
+
+
+def scale_shift(fn: Callable, seed: int = 0) -> None:
+    """Step 5: check ``fn(z_norm, gamma, beta) -> z_tilde``, the shape of z_norm."""
+    diagnoses = [
+        (lambda x, g, b: _vec(b, x.ndim) * x + _vec(g, x.ndim),
+         "gamma and beta are swapped: gamma scales and beta shifts, z_tilde = gamma * z_norm + beta"),
+        (lambda x, g, b: _vec(g, x.ndim) * x, "you left out beta: z_tilde = gamma * z_norm + beta"),
+        (lambda x, g, b: x + _vec(b, x.ndim), "you left out gamma: z_tilde = gamma * z_norm + beta"),
+        (lambda x, g, b: _vec(g, x.ndim) * (x + _vec(b, x.ndim)),
+         "beta is added after scaling: gamma * z_norm + beta, not gamma * (z_norm + beta)"),
+        (lambda x, g, b: x, "you returned z_norm unchanged: scale by gamma and shift by beta"),
+    ]
+    check_function("scale_shift", fn, ref.scale_shift, _cases(seed, "z_norm", "gamma", "beta"), diagnoses)
+
+
+def forward_train(fn: Callable, seed: int = 0) -> None:
+    """Steps 1-5 at once: check ``fn(z, gamma, beta, eps) -> z_tilde`` (or ``(z_tilde, cache)``)."""
+
+    @functools.wraps(fn)
+    def z_tilde_of(*args: Any) -> Any:  # accept functions that return (z_tilde, cache) too
+        out = fn(*args)
+        return out[0] if isinstance(out, tuple) else out
+
+    def variant(axes: Callable = stat_axes, ddof: int = 0, eps_inside: bool = True, swap: bool = False) -> Variant:
+        def f(z: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+            ax = axes(z.ndim)
+            z_new = z - z.mean(axis=ax, keepdims=True)
+            count = math.prod(z.shape[a] for a in ax)
+            var = (z_new * z_new).sum(axis=ax, keepdims=True) / (count - ddof)
+            std = np.sqrt(var + eps) if eps_inside else np.sqrt(var) + eps
+            g, b = (b, g) if swap else (g, b)
+            return _vec(g, z.ndim) * (z_new / std) + _vec(b, z.ndim)
+
+        return f
+
+    diagnoses = [
+        (variant(axes=_wrong_axes), "you normalised over the wrong axis: statistics are per feature, "
+         "over the batch axis 0 (axes (0, 2, 3) for (m, C, H, W))"),
+        (variant(ddof=1), "you divided by m-1: at training time BN uses the biased 1/m variance"),
+        (variant(eps_inside=False), "eps belongs inside the square root: sqrt(var + eps)"),
+        (variant(swap=True), "gamma and beta are swapped: z_tilde = gamma * z_norm + beta"),
+    ]
+    reference = lambda z, g, b, eps: ref.forward_train(z, g, b, eps)[0]  # noqa: E731
+    cases = _cases(seed, "z", "gamma", "beta", "eps")
+    check_function("forward_train", z_tilde_of, reference, cases, diagnoses)

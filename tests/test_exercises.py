@@ -1,0 +1,350 @@
+"""The exercise checkers are honest, and the learners' copies hold no solutions.
+
+For every exercise of the chapters: the solution written in the notebook passes its
+checker; the stub that `make exercises` puts in its place fails with "not implemented";
+typical wrong answers fail with the message that names the mistake.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+
+from bnkit import check
+from bnkit import reference as ref
+from bnkit.check import Case, ExerciseError
+
+REPO = Path(__file__).resolve().parent.parent
+CHAPTER = REPO / "chapters" / "01_five_steps.ipynb"
+SCRIPT = REPO / "tools" / "make_exercises.py"
+
+
+def _load_make_exercises():
+    spec = importlib.util.spec_from_file_location("make_exercises", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_exercises = _load_make_exercises()
+
+# Every function a learner writes in a chapter, and the checker that grades it.
+CHECKERS = {
+    "my_batch_mean": check.batch_mean,
+    "my_center": check.center,
+    "my_batch_variance": check.batch_variance,
+    "my_normalize": check.normalize,
+    "my_scale_shift": check.scale_shift,
+}
+
+
+# ---------------------------------------------------------------- the notebook's exercise cells
+
+
+def _notebook() -> nbformat.NotebookNode:
+    return nbformat.read(CHAPTER, as_version=4)
+
+
+def _solution_cells(nb: nbformat.NotebookNode) -> list[str]:
+    return [c.source for c in nb.cells if c.cell_type == "code" and make_exercises.BEGIN in c.source]
+
+
+def _imports(nb: nbformat.NotebookNode) -> str:
+    """The import statements of the notebook's code cells, as the exercise cells see them."""
+    lines = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    lines.append(ast.unparse(node))
+    return "\n".join(lines)
+
+
+def _exercise_namespace(transform=lambda source: source) -> dict:
+    """Run the notebook's imports and its exercise cells (optionally transformed) in a fresh namespace."""
+    nb = _notebook()
+    namespace: dict = {}
+    exec(_imports(nb), namespace)
+    for i, source in enumerate(_solution_cells(nb)):
+        exec(compile(transform(source), f"<exercise cell {i}>", "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module")
+def solutions() -> dict:
+    return _exercise_namespace()
+
+
+@pytest.fixture(scope="module")
+def stubs() -> dict:
+    return _exercise_namespace(make_exercises.stub_solutions)
+
+
+def test_every_exercise_function_has_a_checker_here():
+    """A new exercise in the chapter must be added to CHECKERS (and so to these tests)."""
+    defined = set()
+    for source in _solution_cells(_notebook()):
+        defined |= {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
+    assert defined == set(CHECKERS)
+
+
+def test_each_exercise_is_followed_by_its_check_and_a_hidden_solution():
+    nb = _notebook()
+    exercises = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "```{exercise}" in c.source]
+    assert len(exercises) >= 2
+    for i in exercises:
+        label = re.search(r":label: (\S+)", nb.cells[i].source)[1]
+        solution, check_cell, explained = nb.cells[i + 1 : i + 4]
+        assert make_exercises.BEGIN in solution.source and "# HINT:" in solution.source
+        names = [n.name for n in ast.parse(solution.source).body if isinstance(n, ast.FunctionDef)]
+        for name in names:  # the check cell grades every function of the exercise
+            assert re.search(rf"check\.\w+\({name}\)", check_cell.source), name
+        assert f"```{{solution-start}} {label}" in explained.source and ":class: dropdown" in explained.source
+        assert "```{solution-end}" in explained.source
+
+
+@pytest.mark.parametrize("name", sorted(CHECKERS))
+def test_solution_in_the_notebook_passes(name, solutions, capsys):
+    assert CHECKERS[name](solutions[name]) is None
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("✓ ") and "correct" in lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(CHECKERS))
+def test_stub_fails_with_not_implemented(name, stubs):
+    with pytest.raises(ExerciseError, match="not implemented yet") as info:
+        CHECKERS[name](stubs[name])
+    assert name in str(info.value)  # the message names the function to fill in
+
+
+# ---------------------------------------------------------------- typical wrong answers
+
+AXES = lambda z: tuple(a for a in range(z.ndim) if a != 1)  # noqa: E731
+VEC = lambda v, z: v.reshape((1, -1) + (1,) * (z.ndim - 2))  # noqa: E731
+
+WRONG = [
+    # step 1
+    (check.batch_mean, lambda z: z.mean(axis=1), "wrong axis"),
+    (check.batch_mean, lambda z: z.mean(axis=0), "over the batch axis only"),  # fine for (m, n), not 4-D
+    (check.batch_mean, lambda z: z.mean(axis=AXES(z), keepdims=True), "drop keepdims"),
+    (check.batch_mean, lambda z: z.sum(axis=AXES(z)), "did not divide by m"),
+    (check.batch_mean, lambda z: z.mean(), "one mean of all the values"),
+    # step 2
+    (check.center, lambda z, mu: VEC(mu, z) - z, "wrong sign"),
+    (check.center, lambda z, mu: z + VEC(mu, z), "you added mu"),
+    (check.center, lambda z, mu: z - z.mean(axis=1, keepdims=True), "each example's own mean"),
+    (check.center, lambda z, mu: z - mu, "your function raised ValueError: operands could not be broadcast"),
+    # step 3
+    (check.batch_variance, lambda x: x.var(axis=AXES(x), ddof=1), "you divided by m-1: at training time BN uses the biased 1/m"),
+    (check.batch_variance, lambda x: x.std(axis=AXES(x)), "standard deviation"),
+    (check.batch_variance, lambda x: x.mean(axis=AXES(x)), "square each value"),
+    (check.batch_variance, lambda x: (x**2).mean(axis=1), "wrong axis"),
+    # step 4
+    (check.normalize, lambda x, var, eps: x / (np.sqrt(VEC(var, x)) + eps), "eps belongs inside the square root"),
+    (check.normalize, lambda x, var, eps: x / np.sqrt(VEC(var, x)), "you left out eps"),
+    (check.normalize, lambda x, var, eps: x / VEC(var + eps, x), "divided by the variance"),
+    # step 5
+    (check.scale_shift, lambda x, g, b: VEC(b, x) * x + VEC(g, x), "gamma and beta are swapped"),
+    (check.scale_shift, lambda x, g, b: VEC(g, x) * x, "you left out beta"),
+    (check.scale_shift, lambda x, g, b: VEC(g, x) * (x + VEC(b, x)), "beta is added after scaling"),
+    # steps 1-5 at once
+    (check.forward_train, lambda z, g, b, eps: ref.forward_train(z - z.mean(axis=1, keepdims=True), g, b, eps)[0], "wrong values"),
+]
+
+
+@pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[f"{c.__name__}-{m[:30]}" for c, _, m in WRONG])
+def test_typical_wrong_answer_is_diagnosed(checker, wrong, message):
+    with pytest.raises(ExerciseError) as info:
+        checker(wrong)
+    assert message in str(info.value)
+
+
+def test_every_checked_step_has_two_diagnosed_mistakes():
+    counts = {}
+    for checker, _, _ in WRONG:
+        counts[checker] = counts.get(checker, 0) + 1
+    assert all(counts.get(c, 0) >= 2 for c in CHECKERS.values())
+
+
+def test_a_learners_exception_is_reported_without_bnkit_traceback():
+    def my_batch_mean(z):
+        return z.mean(axis=(0, 2, 3))  # right for 4-D, fails on (m, n)
+
+    with pytest.raises(ExerciseError) as info:
+        check.batch_mean(my_batch_mean)
+    message = str(info.value)
+    assert message.startswith("batch_mean: your function raised AxisError")
+    assert "return z.mean(axis=(0, 2, 3))" in message  # the learner's own line
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained traceback
+    assert info.value._render_traceback_() == [f"ExerciseError: {message}"]  # what Jupyter shows
+
+
+def test_returning_none_and_wrong_types_are_explained():
+    with pytest.raises(ExerciseError, match="forget `return`"):
+        check.batch_variance(lambda z_new: None)
+    with pytest.raises(ExerciseError, match="returned str, not an array of numbers"):
+        check.batch_mean(lambda z: "mu")
+    with pytest.raises(ExerciseError, match="expected a function"):
+        check.batch_variance(3.0)
+
+
+def test_learner_may_return_a_torch_tensor_or_modify_its_input():
+    torch = pytest.importorskip("torch")
+    check.batch_mean(lambda z: torch.as_tensor(z).mean(dim=AXES(z)))
+
+    def in_place(z, mu):
+        z -= VEC(mu, z)  # changes the checker's copy only
+        return z
+
+    check.center(in_place)
+
+
+def test_exercise_error_is_an_assertion_error():
+    assert issubclass(ExerciseError, AssertionError)
+
+
+def test_forward_train_checker_accepts_the_reference():
+    check.forward_train(ref.forward_train)  # returns (z_tilde, cache): the checker takes z_tilde
+
+
+def test_a_new_checker_is_a_few_lines(capsys):
+    """check_function grades any function against a reference with a list of diagnoses."""
+    cases = [Case("z of shape (3, 2)", (np.arange(6.0).reshape(3, 2),))]
+    diagnoses = [(lambda z: z.sum(axis=0), "you summed: take the mean")]
+    check.check_function("column_mean", lambda z: z.mean(axis=0), lambda z: z.mean(axis=0), cases, diagnoses)
+    assert capsys.readouterr().out == "✓ column_mean: correct on 1 test cases\n"
+    with pytest.raises(ExerciseError, match="column_mean: you summed: take the mean"):
+        check.check_function("column_mean", lambda z: z.sum(axis=0), lambda z: z.mean(axis=0), cases, diagnoses)
+
+
+# ---------------------------------------------------------------- tools/make_exercises.py
+
+
+def test_stub_keeps_indentation_and_uses_the_hint():
+    source = (
+        "def f(z):\n"
+        '    """Doc."""\n'
+        "    ### BEGIN SOLUTION\n"
+        "    # HINT: use z.mean\n"
+        "    return z.mean()\n"
+        "    ### END SOLUTION\n"
+        "\n"
+        "x = 1"
+    )
+    stubbed = make_exercises.stub_solutions(source, "Exercise 1.2: ")
+    assert stubbed == 'def f(z):\n    """Doc."""\n    raise NotImplementedError("Exercise 1.2: use z.mean")\n\nx = 1'
+
+
+def test_stub_without_hint_and_with_quotes():
+    source = '### BEGIN SOLUTION\ny = "a"\n### END SOLUTION'
+    assert make_exercises.stub_solutions(source) == f'raise NotImplementedError("{make_exercises.DEFAULT_HINT}")'
+    quoted = '### BEGIN SOLUTION\n# HINT: say "hi" \\ there\n### END SOLUTION'
+    stub = make_exercises.stub_solutions(quoted)
+    with pytest.raises(NotImplementedError, match=r'say "hi" \\ there'):
+        exec(stub)
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("def f():\n    ### BEGIN SOLUTION\n    return 1\n", "has no matching"),
+        ("### END SOLUTION\n", "with no"),
+        ("### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION\n", "inside another"),
+    ],
+)
+def test_unpaired_markers_are_errors(source, message):
+    with pytest.raises(make_exercises.SolutionMarkerError, match=message):
+        make_exercises.stub_solutions(source)
+
+
+def test_solutions_are_removed_from_markdown():
+    markdown = (
+        "Before.\n"
+        "```{solution-start} ex-a\n:class: dropdown\n```\nThe answer.\n```{solution-end}\n```\n"
+        "Between.\n"
+        ":::{solution} ex-b\nAnother answer.\n:::\n"
+        "After."
+    )
+    assert make_exercises.strip_solutions(markdown) == "Before.\nBetween.\nAfter."
+
+
+def _run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=REPO)
+
+
+def _book(tmp_path: Path, notebook: nbformat.NotebookNode) -> Path:
+    """A throwaway book: chapters/intro.md, chapters/01_five_steps.ipynb and a _toc.yml."""
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "chapters" / "intro.md").write_text("# Intro\n")
+    nbformat.write(notebook, tmp_path / "chapters" / "01_five_steps.ipynb")
+    toc = tmp_path / "_toc.yml"
+    toc.write_text("format: jb-book\nroot: chapters/intro\nchapters:\n  - file: chapters/01_five_steps\n")
+    return toc
+
+
+def test_learners_copy_has_stubs_and_no_solutions_or_outputs(tmp_path):
+    nb = _notebook()
+    toc = _book(tmp_path, nb)
+    result = _run_script("--toc", str(toc), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    copy = nbformat.read(tmp_path / "out" / "01_five_steps.ipynb", as_version=4)
+    text = nbformat.writes(copy)
+
+    assert "BEGIN SOLUTION" not in text and "END SOLUTION" not in text
+    assert "solution-start" not in text and "solution-end" not in text
+    solution_lines = set()  # every line written between the markers in the chapter
+    for source in _solution_cells(nb):
+        inside = False
+        for line in source.splitlines():
+            if make_exercises.BEGIN in line or make_exercises.END in line:
+                inside = make_exercises.BEGIN in line
+            elif inside and line.strip():
+                solution_lines.add(line.strip())
+    code = "\n".join(c.source for c in copy.cells if c.cell_type == "code")
+    assert not [line for line in solution_lines if line in code]
+    for cell in copy.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+    stubs = re.findall(r'raise NotImplementedError\("Exercise 1\.(\d): ', code)
+    assert len(stubs) == len(CHECKERS) and set(stubs) == {"1", "2"}
+    assert text.count("```{exercise}") == 2  # the prompts stay
+    assert all(f"({name})" in code for name in CHECKERS)  # and the check cells
+    assert len(copy.cells) == len(nb.cells) - 2  # only the two solution cells are gone
+
+
+def test_script_reads_the_real_toc(tmp_path):
+    result = _run_script("--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "01_five_steps.ipynb").exists()
+
+
+def test_script_fails_clearly_on_begin_without_end(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("def f():\n    ### BEGIN SOLUTION\n    return 1")])
+    toc = _book(tmp_path, nb)
+    result = _run_script("--toc", str(toc), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "01_five_steps.ipynb" in result.stderr and "has no matching '### END SOLUTION'" in result.stderr
+
+
+def test_learners_copy_runs_and_only_the_checks_fail(tmp_path):
+    """In the learners' copy every cell runs except the check cells, which say 'not implemented'."""
+    nbclient = pytest.importorskip("nbclient")
+    copy = make_exercises.learner_copy(_notebook(), "1")
+    client = nbclient.NotebookClient(
+        copy, timeout=300, kernel_name="python3", allow_errors=True,
+        resources={"metadata": {"path": str(CHAPTER.parent)}},
+    )
+    client.execute()
+    errors = {i: o for i, c in enumerate(copy.cells) if c.cell_type == "code" for o in c.outputs if o.output_type == "error"}
+    checks = [i for i, c in enumerate(copy.cells) if c.cell_type == "code" and "check." in c.source]
+    assert sorted(errors) == checks
+    for output in errors.values():
+        assert output.ename == "ExerciseError" and "not implemented yet" in output.evalue
+        assert output.traceback == [f"ExerciseError: {output.evalue}"]  # no traceback into bnkit

@@ -1,0 +1,149 @@
+"""Write the learners' copies of the book's notebooks, with the solutions taken out.
+
+    python tools/make_exercises.py                   # every notebook in _toc.yml -> exercises/
+    python tools/make_exercises.py --toc _toc.yml --out /tmp/exercises
+
+In every code cell the lines from `### BEGIN SOLUTION` to `### END SOLUTION` (markers
+included) become one stub at the marker's indentation,
+
+    raise NotImplementedError("Exercise 1.2: <the text of the block's `# HINT:` line>")
+
+where 1 is the chapter number (the notebook's leading digits) and 2 counts the
+`{exercise}` directives so far. The sphinx-exercise solutions (`{solution-start}` ...
+`{solution-end}`, or a `{solution}` block) are removed from the markdown, and every
+output and execution count is cleared. A BEGIN with no END is an error (exit status 1).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from notebooks import REPO, TOC, toc_notebooks  # noqa: E402
+
+BEGIN, END, HINT = "### BEGIN SOLUTION", "### END SOLUTION", "# HINT:"
+DEFAULT_HINT = "replace this line with your code"
+_FENCE = r"^(?P<fence>`{3,}|:{3,})\s*\{%s\}"  # a MyST directive opened by ``` or :::
+EXERCISE = re.compile(_FENCE % "exercise", re.M)
+
+
+class SolutionMarkerError(ValueError):
+    """The solution markers of a cell do not pair up."""
+
+
+def stub_solutions(source: str, prefix: str = "") -> str:
+    """Replace each BEGIN/END SOLUTION block of a code cell's source by a NotImplementedError stub.
+
+    The stub keeps the BEGIN marker's indentation; its message is ``prefix`` followed by the
+    block's ``# HINT:`` text (or a default).
+    """
+    out: list[str] = []
+    block: list[str] | None = None  # lines of the open solution block
+    indent = ""
+    for lineno, line in enumerate(source.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped.startswith(BEGIN):
+            if block is not None:
+                raise SolutionMarkerError(f"line {lineno}: {BEGIN!r} inside another solution block")
+            block, indent, begin_line = [], line[: len(line) - len(line.lstrip())], lineno
+        elif stripped.startswith(END):
+            if block is None:
+                raise SolutionMarkerError(f"line {lineno}: {END!r} with no {BEGIN!r} before it")
+            hints = [b.strip()[len(HINT):].strip() for b in block if b.strip().startswith(HINT)]
+            message = prefix + (hints[0] if hints else DEFAULT_HINT)
+            out.append(f"{indent}raise NotImplementedError({json.dumps(message, ensure_ascii=False)})")
+            block = None
+        elif block is not None:
+            block.append(line)
+        else:
+            out.append(line)
+    if block is not None:
+        raise SolutionMarkerError(f"line {begin_line}: {BEGIN!r} has no matching {END!r}")
+    return "\n".join(out)
+
+
+def strip_solutions(markdown: str) -> str:
+    """Remove sphinx-exercise solutions from a markdown cell: gated ones and `{solution}` blocks."""
+    lines, out, i = markdown.splitlines(), [], 0
+    start, end, plain = (re.compile(_FENCE % name) for name in ("solution-start", "solution-end", "solution"))
+    while i < len(lines):
+        if start.match(lines[i]):  # skip to the end directive, then to its closing fence
+            j = i
+            while j < len(lines) and not end.match(lines[j]):
+                j += 1
+            if j == len(lines):
+                raise SolutionMarkerError("{solution-start} with no {solution-end} after it")
+            fence = end.match(lines[j])["fence"]
+            i = j + 1
+            while i < len(lines) and lines[i].strip() != fence:
+                i += 1
+            i += 1
+        elif m := plain.match(lines[i]):  # a fenced {solution} block
+            i += 1
+            while i < len(lines) and lines[i].strip() != m["fence"]:
+                i += 1
+            i += 1
+        else:
+            out.append(lines[i])
+            i += 1
+    return "\n".join(out).strip("\n")
+
+
+def learner_copy(nb: nbformat.NotebookNode, chapter: str = "") -> nbformat.NotebookNode:
+    """A copy of the notebook with stubs for solutions, no solution text and no outputs."""
+    nb = copy.deepcopy(nb)
+    cells, exercise = [], 0
+    for index, cell in enumerate(nb.cells):
+        try:
+            if cell.cell_type == "markdown":
+                exercise += len(EXERCISE.findall(cell.source))
+                cell.source = strip_solutions(cell.source)
+                if not cell.source.strip():
+                    continue  # the cell held only a solution
+            elif cell.cell_type == "code":
+                label = f"{chapter}.{exercise}" if chapter else f"{exercise}"
+                cell.source = stub_solutions(cell.source, f"Exercise {label}: " if exercise else "")
+                cell.outputs, cell.execution_count = [], None
+        except SolutionMarkerError as e:
+            raise SolutionMarkerError(f"cell {index}: {e}") from None
+        cells.append(cell)
+    nb.cells = cells
+    return nb
+
+
+def chapter_number(path: Path) -> str:
+    """'1' for chapters/01_five_steps.ipynb; '' when the name has no leading digits."""
+    m = re.match(r"\d+", path.name)
+    return str(int(m[0])) if m else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--toc", type=Path, default=TOC, help="the book's _toc.yml (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=REPO / "exercises", help="folder for the copies (default: %(default)s)")
+    args = parser.parse_args(argv)
+    notebooks = toc_notebooks(args.toc.resolve())
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in notebooks:
+        if not path.exists():
+            print(f"error: {path} is listed in {args.toc} but does not exist", file=sys.stderr)
+            return 1
+        try:
+            learners = learner_copy(nbformat.read(path, as_version=4), chapter_number(path))
+        except SolutionMarkerError as e:
+            print(f"error: {path}, {e}", file=sys.stderr)
+            return 1
+        target = args.out / path.name
+        target.write_text(nbformat.writes(learners) + "\n", encoding="utf-8")
+        print(f"{path.name} -> {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
