@@ -1,0 +1,48 @@
+# Batch Norm at Test Time: the two set-up commands are `make book` and `make test`.
+# Everything runs through .venv/bin/python, so nothing depends on PATH.
+
+PYTHON_SYSTEM ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# jupyter-book has no `python -m` entry point; this is what its console script runs.
+JB     := $(PY) -c 'import sys; from jupyter_book.cli.main import main; sys.exit(main())'
+
+# Notebooks listed in _toc.yml (evaluated when a recipe runs, once .venv exists).
+NOTEBOOKS = $$($(PY) tools/notebooks.py)
+
+# Single pytest run: unit, property, notebook-tooling and book tests from tests/,
+# plus nbval (strict: stored outputs must match) on every notebook in _toc.yml.
+# --nbval only collects .ipynb files; the .py tests run as usual.
+PYTEST_ARGS ?=
+NBVAL_ARGS := --nbval --nbval-current-env --nbval-cell-timeout=600
+
+.PHONY: venv book test outputs exercises clean
+
+venv: $(STAMP)
+
+# Re-installs only when requirements.txt or pyproject.toml change.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps -e .
+	$(PY) -m pip check
+	touch $@
+
+book: $(STAMP)
+	$(JB) build -W -n --keep-going --builder html .
+	@echo "HTML in _build/html (open _build/html/index.html)"
+
+test: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) tests $(NOTEBOOKS) $(NBVAL_ARGS)
+
+outputs: $(STAMP)
+	$(PY) tools/execute_notebooks.py
+
+exercises: $(STAMP)
+	$(PY) tools/make_exercises.py
+
+clean:
+	rm -rf _build exercises .pytest_cache .hypothesis
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+	find . -name .ipynb_checkpoints -not -path './$(VENV)/*' -prune -exec rm -rf {} +
