@@ -1,0 +1,254 @@
+"""The exercise checkers of chapters 2 (the test-time problem) and 3 (EWA) are honest.
+
+For every exercise: the solution written in the notebook passes its checker; the stub that
+`make exercises` puts in its place fails with "not implemented"; typical wrong answers fail
+with the message that names the mistake.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import importlib.util
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+from bnkit import check_ewa
+from bnkit.check import ExerciseError
+
+REPO = Path(__file__).resolve().parent.parent
+CHAPTERS = {
+    "02_test_time_problem": REPO / "chapters" / "02_test_time_problem.ipynb",
+    "03_ewa": REPO / "chapters" / "03_ewa.ipynb",
+}
+
+# chapter -> {function a learner writes: its checker}, in the order of the exercises
+CHECKERS = {
+    "02_test_time_problem": {
+        "my_predict_with_batch_stats": check_ewa.predict_with_batch_stats,
+        "my_fraction_changed": check_ewa.fraction_changed,
+    },
+    "03_ewa": {
+        "my_ema": check_ewa.ema,
+        "my_convert_momentum": check_ewa.convert_momentum,
+        "my_debiased_weight": check_ewa.debiased_weight,
+    },
+}
+EXERCISES = [(chapter, name) for chapter, names in CHECKERS.items() for name in names]
+
+
+def _load_make_exercises():
+    spec = importlib.util.spec_from_file_location("make_exercises", REPO / "tools" / "make_exercises.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_exercises = _load_make_exercises()
+
+
+def _notebook(chapter: str) -> nbformat.NotebookNode:
+    return nbformat.read(CHAPTERS[chapter], as_version=4)
+
+
+def _imports(nb: nbformat.NotebookNode) -> str:
+    """The notebook's import statements, as its exercise cells see them."""
+    lines = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    lines.append(ast.unparse(node))
+    return "\n".join(lines)
+
+
+def _namespace(chapter: str, transform=lambda source: source) -> dict:
+    """Run the chapter's imports and its exercise cells (optionally transformed)."""
+    nb = _notebook(chapter)
+    namespace: dict = {}
+    exec(_imports(nb), namespace)
+    cells = [c.source for c in nb.cells if c.cell_type == "code" and make_exercises.BEGIN in c.source]
+    for i, source in enumerate(cells):
+        exec(compile(transform(source), f"<{chapter} exercise cell {i}>", "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module", params=list(CHAPTERS))
+def chapter(request) -> str:
+    return request.param
+
+
+# ---------------------------------------------------------------- solutions and stubs
+
+
+@pytest.mark.parametrize("chapter_name, name", EXERCISES)
+def test_solution_passes(chapter_name, name, capsys):
+    fn = _namespace(chapter_name)[name]
+    CHECKERS[chapter_name][name](fn)
+    assert "✓" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("chapter_name, name", EXERCISES)
+def test_stub_fails(chapter_name, name):
+    stubbed = _namespace(chapter_name, lambda s: make_exercises.stub_solutions(s, "Exercise: "))
+    with pytest.raises(ExerciseError, match="not implemented yet"):
+        CHECKERS[chapter_name][name](stubbed[name])
+
+
+def test_every_exercise_has_a_checker_and_a_check_cell(chapter):
+    nb = _notebook(chapter)
+    sources = [c.source for c in nb.cells]
+    n_exercises = sum(len(make_exercises.EXERCISE.findall(s)) for s in sources if s)
+    assert n_exercises == len(CHECKERS[chapter]) >= 2
+    for name in CHECKERS[chapter]:
+        i = next(k for k, s in enumerate(sources) if f"def {name}(" in s)
+        assert make_exercises.BEGIN in sources[i] and "# HINT:" in sources[i]
+        assert nb.cells[i + 1].cell_type == "code" and f"({name})" in sources[i + 1]  # the check cell
+        assert "solution-start" in sources[i + 2]
+
+
+def test_learner_copy_has_no_solutions(chapter):
+    learner = make_exercises.learner_copy(_notebook(chapter), chapter[:2].lstrip("0"))
+    text = "\n".join(c.source for c in learner.cells)
+    assert make_exercises.BEGIN not in text and "solution-start" not in text
+    assert text.count("raise NotImplementedError") == len(CHECKERS[chapter])
+
+
+# ---------------------------------------------------------------- typical wrong answers, chapter 2
+
+
+def predict_on_the_model_itself(model, X, batch_size):
+    model.train()  # wrong: updates the model's running statistics with every test batch
+    with torch.no_grad():
+        logits = [model(torch.as_tensor(X[s : s + batch_size])) for s in range(0, len(X), batch_size)]
+    model.eval()
+    return torch.cat(logits).argmax(dim=1).numpy()
+
+
+def predict_in_eval_mode(model, X, batch_size):
+    with torch.no_grad():
+        return model.eval()(torch.as_tensor(X)).argmax(dim=1).numpy()  # running statistics
+
+
+def predict_logits(model, X, batch_size):
+    batch_mode = copy.deepcopy(model).train()
+    with torch.no_grad():
+        return torch.cat([batch_mode(torch.as_tensor(X[s : s + batch_size])) for s in range(0, len(X), batch_size)]).numpy()
+
+
+def predict_whole_set(model, X, batch_size):
+    with torch.no_grad():
+        return copy.deepcopy(model).train()(torch.as_tensor(X)).argmax(dim=1).numpy()
+
+
+def _predict(model, X, batch_size):
+    from bnkit.testtime import predict_with_batch_stats
+
+    return predict_with_batch_stats(model, X, batch_size)
+
+
+def changed_without_unpermuting(model, X, batch_size, order_a, order_b):
+    return float(np.mean(_predict(model, X[order_a], batch_size) != _predict(model, X[order_b], batch_size)))
+
+
+def changed_permuted_twice(model, X, batch_size, order_a, order_b):
+    pred_a = _predict(model, X[order_a], batch_size)[order_a]
+    pred_b = _predict(model, X[order_b], batch_size)[order_b]
+    return float(np.mean(pred_a != pred_b))
+
+
+def changed_count(model, X, batch_size, order_a, order_b):
+    pred_a, pred_b = np.empty(len(X), int), np.empty(len(X), int)
+    pred_a[order_a] = _predict(model, X[order_a], batch_size)
+    pred_b[order_b] = _predict(model, X[order_b], batch_size)
+    return int(np.sum(pred_a != pred_b))
+
+
+# ---------------------------------------------------------------- typical wrong answers, chapter 3
+
+
+def ema_fed_back(values, beta, bias_correction=False):
+    values = np.asarray(values, dtype=float)
+    v, out = np.zeros(values.shape[1:]), []
+    for t, theta in enumerate(values, start=1):
+        v = beta * v + (1 - beta) * theta
+        if bias_correction:
+            v = v / (1 - beta**t)  # wrong: the corrected value goes back into the recursion
+        out.append(v)
+    return np.array(out)
+
+
+def ema_swapped(values, beta, bias_correction=False):
+    values = np.asarray(values, dtype=float)
+    v, out = np.zeros(values.shape[1:]), []
+    for t, theta in enumerate(values, start=1):
+        v = (1 - beta) * v + beta * theta  # wrong: beta weights the new value
+        out.append(v / (1 - beta**t) if bias_correction else v)
+    return np.array(out)
+
+
+def ema_starts_at_first_value(values, beta, bias_correction=False):
+    values = np.asarray(values, dtype=float)
+    v, out = values[0], []
+    for t, theta in enumerate(values, start=1):
+        v = beta * v + (1 - beta) * theta
+        out.append(v / (1 - beta**t) if bias_correction else v)
+    return np.array(out)
+
+
+def convert_unchanged(momentum, source, target):
+    return momentum
+
+
+def convert_always_flip(momentum, source, target):
+    return momentum if source == target else 1 - momentum
+
+
+def weight_uncorrected(t, momentum):
+    return momentum
+
+
+def weight_keras_beta(t, momentum):
+    beta = momentum  # wrong: Keras's meaning
+    return (1 - beta) / (1 - beta**t)
+
+
+def weight_cumulative(t, momentum):
+    return 1 / t
+
+
+WRONG = [
+    (check_ewa.predict_with_batch_stats, predict_on_the_model_itself, "changed the model"),
+    (check_ewa.predict_with_batch_stats, predict_in_eval_mode, "eval-mode ones, made with the running statistics"),
+    (check_ewa.predict_with_batch_stats, predict_logits, "you returned the logits"),
+    (check_ewa.predict_with_batch_stats, predict_whole_set, "all of X as one batch"),
+    (check_ewa.fraction_changed, changed_without_unpermuting, "without putting them back in X's order"),
+    (check_ewa.fraction_changed, changed_permuted_twice, "applies the permutation a second time"),
+    (check_ewa.fraction_changed, changed_count, "how many predictions changed"),
+    (check_ewa.ema, ema_fed_back, "fed the corrected value back into the recursion"),
+    (check_ewa.ema, ema_swapped, "your beta weights the new value"),
+    (check_ewa.ema, ema_starts_at_first_value, r"v_0 = theta_1"),
+    (check_ewa.convert_momentum, convert_unchanged, "returned the momentum unchanged"),
+    (check_ewa.convert_momentum, convert_always_flip, "between them nothing changes"),
+    (check_ewa.debiased_weight, weight_uncorrected, "uncorrected weight"),
+    (check_ewa.debiased_weight, weight_keras_beta, "Keras's convention"),
+    (check_ewa.debiased_weight, weight_cumulative, "cumulative average"),
+]
+
+
+@pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[w.__name__ for _, w, _ in WRONG])
+def test_wrong_answer_named(checker, wrong, message):
+    with pytest.raises(ExerciseError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        checker(wrong)
+    assert "Traceback" not in str(info.value)
+
+
+def test_error_inside_learner_code_is_reported_not_raised():
+    def broken(values, beta, bias_correction=False):
+        return values @ np.ones(7)  # a shape error in the learner's own code
+
+    with pytest.raises(ExerciseError, match="your function raised ValueError"):
+        check_ewa.ema(broken)
