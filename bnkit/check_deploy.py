@@ -1,0 +1,450 @@
+"""Exercise checkers for the chapters "Backprop through BN" and "Folding BN for deployment".
+
+- ``backward(fn)``: ``fn(dz_tilde, cache) -> (dz, dgamma, dbeta)`` against
+  ``bnkit.reference.backward``, with *random* upstream gradients.
+- ``directional_error(fn)``: a gradient check along a random direction, judged by what it
+  catches and by where it evaluates f.
+- ``fold_linear(fn)`` / ``fold_conv(fn)``: ``fn(W, b, gamma, beta, mean, var, eps) -> (W', b')``
+  against the fold built from ``bnkit.reference.inference_affine``.
+
+They use ``bnkit.check``'s machinery: one line on success, an ``ExerciseError`` naming the
+mistake otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import io
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from bnkit import reference as ref
+from bnkit._validate import stat_axes, values_per_feature
+from bnkit.check import Case, ExerciseError, check_function
+
+__all__ = ["backward", "directional_error", "fold_linear", "fold_conv"]
+
+Variant = Callable[..., tuple]
+
+
+# ---------------------------------------------------------------- functions with several results
+
+
+def _first_call(name: str, fn: Callable, case: Case, results: Sequence[str]) -> None:
+    """Call fn once to check that it is implemented and returns a tuple of ``results``."""
+    try:
+        with np.errstate(all="ignore"):
+            out = fn(*copy.deepcopy(case.args))
+    except NotImplementedError:
+        raise ExerciseError(
+            f"{name}: not implemented yet: replace the stub `raise NotImplementedError(...)` "
+            f"in {getattr(fn, '__name__', 'your function')} with your code"
+        ) from None
+    except Exception:  # check_function reports it, with the line of the learner's code
+        return
+    wanted = "(" + ", ".join(results) + ")"
+    if out is None:
+        raise ExerciseError(f"{name}: your function returned None: did you forget `return {wanted[1:-1]}`?")
+    if not isinstance(out, (tuple, list)) or len(out) != len(results):
+        raise ExerciseError(f"{name}: return a tuple of {len(results)} arrays {wanted}, got {type(out).__name__}")
+
+
+def check_results(
+    name: str,
+    fn: Callable,
+    reference: Callable[..., tuple],
+    cases: Sequence[Case],
+    results: Sequence[str],
+    diagnoses: Sequence[tuple[Variant, str, str]] = (),
+    extra: Callable[[str, ExerciseError, Case, np.ndarray], str] | None = None,
+) -> None:
+    """``check_function`` for a function that returns a tuple: each result is checked in turn.
+
+    diagnoses: (wrong_variant returning the whole tuple, the result it is about, message).
+    extra(result, error, case, got) may add a sentence to a failure message.
+    Every call gets deep copies of the arguments (a learner may change the cache in place).
+    One line is printed on success.
+    """
+    __tracebackhide__ = True
+    if not callable(fn):
+        raise ExerciseError(f"{name}: expected a function, got {type(fn).__name__}")
+    _first_call(name, fn, cases[0], results)
+    for k, result in enumerate(results):
+
+        @functools.wraps(fn)
+        def pick(*args: Any, k: int = k) -> Any:
+            return fn(*copy.deepcopy(args))[k]
+
+        own = [(lambda *a, v=v, k=k: v(*a)[k], msg) for v, r, msg in diagnoses if r == result]
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # one success line for the whole tuple
+                check_function(f"{name}, {result}", pick, lambda *a, k=k: reference(*a)[k], cases, own)
+        except ExerciseError as e:
+            note = ""
+            if extra is not None:
+                for case in cases:  # the first case the learner's result gets wrong
+                    try:
+                        got = np.asarray(pick(*case.args), dtype=np.float64)
+                    except Exception:
+                        break
+                    expected = np.asarray(reference(*case.args)[k], dtype=np.float64)
+                    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-4, atol=1e-6):
+                        note = extra(result, e, case, got)
+                        break
+            raise ExerciseError(str(e) + note) from None
+    print(f"✓ {name}: correct on {len(cases)} test cases")
+
+
+# ---------------------------------------------------------------- the backward pass
+
+HINT_4D = (
+    "for z of shape (m, C, H, W) sum over axes (0, 2, 3), reshape per-channel vectors to "
+    "(1, C, 1, 1), and let m be the number of values per channel, m*H*W."
+)
+
+
+def _backward_cases(seed: int) -> list[Case]:
+    """(dz_tilde, cache) pairs: random z, gamma of both signs, RANDOM upstream gradients."""
+    rng = np.random.default_rng(seed)
+    shapes = [  # (shape, eps, extra offset on feature 1, float32, hint)
+        ((8, 5), 1e-5, 0.0, False, ""),
+        ((2, 3), 1e-3, 0.0, False, ""),
+        ((16, 4), 1e-5, 1e4, False, ""),
+        ((4, 3, 5, 6), 0.1, 0.0, False, HINT_4D),
+        ((2, 4, 3, 5), 1e-3, 0.0, False, HINT_4D),
+        ((10, 7), 1e-5, 0.0, True, ""),
+    ]
+    cases = []
+    for shape, eps, offset, f32, hint in shapes:
+        n, nd = shape[1], len(shape)
+        spread = rng.uniform(0.5, 3.0, n).reshape((1, n) + (1,) * (nd - 2))
+        z = rng.normal(size=shape) * spread + rng.normal(0, 3, n).reshape(spread.shape)
+        z[:, 1] += offset
+        gamma = rng.uniform(0.5, 2.0, n) * rng.choice([-1.0, 1.0], n)
+        beta = rng.normal(0, 2, n)
+        dz_tilde = rng.normal(size=shape)  # random upstream gradient: all-ones would give dz = 0
+        dtype = np.float32 if f32 else np.float64
+        z, gamma, beta, dz_tilde = (a.astype(dtype) for a in (z, gamma, beta, dz_tilde))
+        _, cache = ref.forward_train(z, gamma, beta, eps)
+        label = f"z of shape {shape}{', float32' if f32 else ''}, eps = {eps:g}"
+        if offset:
+            label += f", feature 1 offset by {offset:g}"
+        cases.append(Case(label, (dz_tilde, cache), hint))
+    return cases
+
+
+def _wrong_backward(
+    mu_path: bool = True,
+    var_path: bool = True,
+    gamma: bool = True,
+    ones: bool = False,
+    eps_outside: str = "",
+    batch_count: bool = False,
+) -> Variant:
+    """A backward pass with one typical mistake (staged form, like bnkit.reference.backward_staged)."""
+
+    def f(dz_tilde: np.ndarray, cache: ref.Cache) -> tuple:
+        z_new, var, z_norm, g, eps = cache.z_new, cache.var, cache.z_norm, cache.gamma, cache.eps
+        axes, nd = stat_axes(z_new.ndim), z_new.ndim
+        vec = lambda v: v.reshape((1, -1) + (1,) * (nd - 2))  # noqa: E731
+        m = z_new.shape[0] if batch_count else values_per_feature(z_new.shape)
+        if ones:
+            dz_tilde = np.ones_like(dz_tilde)
+        std = np.sqrt(var) + eps if eps_outside else np.sqrt(var + eps)
+        dbeta = dz_tilde.sum(axis=axes)
+        dgamma = (dz_tilde * z_norm).sum(axis=axes)
+        dz_norm = dz_tilde * vec(g) if gamma else dz_tilde
+        if eps_outside == "closed":  # closed form with k = gamma / (m (sqrt(var) + eps))
+            mean = lambda x: x.sum(axis=axes) / m  # noqa: E731
+            return (dz_norm - vec(mean(dz_norm)) - z_norm * vec(mean(dz_norm * z_norm))) / vec(std), dgamma, dbeta
+        dz_new = dz_norm / vec(std)
+        if var_path:
+            dvar = -0.5 * (dz_norm * z_new).sum(axis=axes) / std**3
+            dz_new = dz_new + vec(dvar) * 2.0 * z_new / m
+        dz = dz_new - vec(dz_new.sum(axis=axes)) / m if mu_path else dz_new
+        return dz, dgamma, dbeta
+
+    return f
+
+
+_BACKWARD_DIAGNOSES = [
+    (_wrong_backward(ones=True), "dz",
+     "your dz is 0 everywhere. That is what an all-ones upstream gradient gives (dz = 0 exactly), "
+     "so did you use np.ones_like(...) instead of dz_tilde? Use the dz_tilde you are given"),
+    (_wrong_backward(mu_path=False, var_path=False), "dz",
+     "you treated mu and var as constants (as at test time), dz = gamma dz_tilde / sqrt(var + eps): "
+     "during training every z_i also moves mu and var, so dz has two more terms"),
+    (_wrong_backward(mu_path=False), "dz",
+     "you left out the path through mu (step 1): your dz does not sum to 0 over the batch. Every z_i "
+     "moves mu, so add dmu / m with dmu = -sum_i dz_new_i"),
+    (_wrong_backward(var_path=False), "dz",
+     "you left out the path through var (step 3): z_new reaches z_norm directly and through var, so "
+     "add dvar * 2 z_new / m with dvar = -1/2 sum_i dz_norm_i z_new_i (var + eps)^(-3/2)"),
+    (_wrong_backward(gamma=False), "dz",
+     "you forgot gamma: step 5 multiplies by gamma, so dz_norm = gamma * dz_tilde"),
+    (_wrong_backward(eps_outside="staged"), "dz", "eps belongs inside the square root: sqrt(var + eps)"),
+    (_wrong_backward(eps_outside="closed"), "dz", "eps belongs inside the square root: sqrt(var + eps)"),
+    (_wrong_backward(batch_count=True), "dz",
+     "for (m, C, H, W) input each channel's statistics are over m*H*W values: use that count, not "
+     "z.shape[0], as m in the backward pass"),
+    (lambda dz_tilde, c: (None,) + ref.backward(dz_tilde, c)[:0:-1], "dgamma",
+     "dgamma and dbeta are swapped: dgamma = sum_i dz_tilde_i z_norm_i, dbeta = sum_i dz_tilde_i"),
+    (lambda dz_tilde, c: (None, (dz_tilde * c.z_new).sum(axis=stat_axes(c.z_new.ndim)), None), "dgamma",
+     "dgamma multiplies dz_tilde by z_norm (what gamma scales), not by z_new"),
+    (lambda dz_tilde, c: (None, None, dz_tilde.mean(axis=stat_axes(dz_tilde.ndim))), "dbeta",
+     "dbeta is a sum over the batch, not a mean: dbeta = sum_i dz_tilde_i"),
+]
+
+
+def _sum_note(result: str, error: ExerciseError, case: Case, got: np.ndarray) -> str:
+    """For a wrong dz: say whether it sums to 0 over the batch, as the true dz always does."""
+    if result != "dz" or "wrong values" not in str(error):
+        return ""
+    dz_tilde = case.args[0]
+    if got.shape != dz_tilde.shape:
+        return ""
+    total = np.abs(got.sum(axis=stat_axes(got.ndim)))
+    size = np.abs(got).sum(axis=stat_axes(got.ndim)) + 1e-30
+    if np.max(total / size) > 1e-6:
+        return (" Also, your dz does not sum to 0 over the batch, which the true dz always does (BN's "
+                "output does not change when every z_i of a feature moves by the same amount): check "
+                "the path through mu.")
+    return ""
+
+
+def backward(fn: Callable, seed: int = 0) -> None:
+    """Check ``fn(dz_tilde, cache) -> (dz, dgamma, dbeta)`` with random upstream gradients.
+
+    cache is the ``bnkit.reference.Cache`` of forward_train (cache.z_norm, .var, .gamma, .eps, .z_new).
+    """
+    __tracebackhide__ = True
+    check_results("backward", fn, ref.backward, _backward_cases(seed), ("dz", "dgamma", "dbeta"),
+                  _BACKWARD_DIAGNOSES, extra=_sum_note)
+
+
+# ---------------------------------------------------------------- a gradient check along a direction
+
+
+class _Spy:
+    """A scalar function that remembers every point it was evaluated at."""
+
+    def __init__(self, f: Callable[[np.ndarray], float]) -> None:
+        self.f, self.points = f, []
+
+    def __call__(self, x: np.ndarray) -> float:
+        self.points.append(np.array(x, dtype=np.float64))
+        return self.f(x)
+
+
+def _bn_loss(seed: int) -> tuple[Callable, np.ndarray, np.ndarray, np.ndarray]:
+    """L(z) = sum(dz_tilde * BN(z)) with a random dz_tilde: z, its true gradient and a wrong one."""
+    rng = np.random.default_rng(seed + 1000)  # not the learner's direction stream: v must not be parallel to z
+    z = rng.normal(size=(6, 4)) * 2 + 1
+    gamma, beta = rng.uniform(0.5, 2, 4), rng.normal(size=4)
+    dz_tilde = rng.normal(size=(6, 4))
+    loss = lambda x: float(np.sum(dz_tilde * ref.forward_train(x, gamma, beta)[0]))  # noqa: E731
+    _, cache = ref.forward_train(z, gamma, beta)
+    no_var_path = _wrong_backward(var_path=False)(dz_tilde, cache)[0]
+    return loss, z, ref.backward(dz_tilde, cache)[0], no_var_path
+
+
+def _run_check(name: str, fn: Callable, f: Callable, x: np.ndarray, grad: np.ndarray, h: float, seed: int):
+    """Call the learner's check; return (its result as a float, the spy)."""
+    spy, x_in = _Spy(f), x.copy()
+    try:
+        out = fn(spy, x_in, grad.copy(), h=h, seed=seed)
+    except NotImplementedError:
+        raise ExerciseError(
+            f"{name}: not implemented yet: replace the stub `raise NotImplementedError(...)` "
+            f"in {getattr(fn, '__name__', 'your function')} with your code"
+        ) from None
+    except Exception as e:
+        raise ExerciseError(f"{name}: your function raised {type(e).__name__}: {e}") from None
+    if out is None:
+        raise ExerciseError(f"{name}: your function returned None: did you forget `return`?")
+    try:
+        value = float(out)
+    except (TypeError, ValueError):
+        raise ExerciseError(f"{name}: return one number (the relative error), got {type(out).__name__}") from None
+    if not np.array_equal(x_in, x):
+        raise ExerciseError(f"{name}: your function changed x in place: evaluate f at new arrays x + h*v and x - h*v")
+    return value, spy
+
+
+def _directions(spy: _Spy, x: np.ndarray, h: float) -> list[np.ndarray]:
+    """The steps (p - x) / h of the points f was evaluated at, other than x itself."""
+    steps = [(p - x) / h for p in spy.points if p.shape == x.shape]
+    return [d for d in steps if np.max(np.abs(d)) > 1e-9]
+
+
+def directional_error(fn: Callable, seed: int = 0) -> None:
+    """Check ``fn(f, x, grad, h=1e-5, seed=0) -> float``: the relative error of grad along a random direction.
+
+    A correct answer evaluates f at x + h v and x - h v for one random v (all of x moves),
+    returns |numeric - <grad, v>| / max(|numeric|, |<grad, v>|), is small for right gradients
+    and large for wrong ones, and leaves x unchanged.
+    """
+    __tracebackhide__ = True
+    name = "directional_error"
+    if not callable(fn):
+        raise ExerciseError(f"{name}: expected a function, got {type(fn).__name__}")
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(5, 4))
+    x = rng.normal(size=(5, 4)) + 2.0
+    quadratic = lambda y: float(np.sum(a * y * y))  # noqa: E731  a quadratic: centred differences are exact
+    grad = 2 * a * x
+    h = 1e-3
+
+    value, spy = _run_check(name, fn, quadratic, x, grad, h, seed)
+    steps = _directions(spy, x, h)
+    if not steps:
+        raise ExerciseError(f"{name}: f was never evaluated away from x: evaluate f(x + h*v) and f(x - h*v)")
+    if any(np.ptp(d) < 1e-9 for d in steps):
+        raise ExerciseError(
+            f"{name}: your direction v has all entries equal (all ones?). Along it BN's output does "
+            "not change, and the part of a wrong gradient that sums to 0 goes unseen: draw v at "
+            "random, v = np.random.default_rng(seed).standard_normal(x.shape)"
+        )
+    if any(np.count_nonzero(np.abs(d) > 1e-9) == 1 for d in steps):
+        raise ExerciseError(
+            f"{name}: you moved one element of x at a time: that checks one partial derivative. "
+            "Move all of x at once along a random direction v, x + h*v"
+        )
+    if not any(np.allclose(d, -e, atol=1e-6) for i, d in enumerate(steps) for e in steps[i + 1:]):
+        raise ExerciseError(
+            f"{name}: use the centred difference (f(x + h v) - f(x - h v)) / (2h), evaluated on both "
+            "sides of x: a one-sided difference has an error of order h"
+        )
+    if not math.isfinite(value) or not 0 <= value < 1e-6:
+        raise ExerciseError(
+            f"{name}: for a correct gradient of a quadratic you returned {value:.3g}; the centred "
+            "difference is exact there, so expect round-off (< 1e-6). Return "
+            "|numeric - <grad, v>| / max(|numeric|, |<grad, v>|), with <grad, v> = np.sum(grad * v)"
+        )
+    wrong, _ = _run_check(name, fn, quadratic, x, 1.5 * grad, h, seed)
+    if not math.isfinite(wrong) or not 0.1 < wrong <= 1.0:
+        raise ExerciseError(
+            f"{name}: for a gradient 1.5 times too large you returned {wrong:.3g}, expected about 1/3: "
+            "return |numeric - <grad, v>| / max(|numeric|, |<grad, v>|)"
+        )
+    loss, z, dz, dz_no_var = _bn_loss(seed)
+    right, _ = _run_check(name, fn, loss, z, dz, 1e-5, seed)
+    if not math.isfinite(right) or not 0 <= right < 1e-5:
+        raise ExerciseError(
+            f"{name}: for the correct gradient of a Batch Norm loss you returned {right:.3g}, expected "
+            "< 1e-5 (with h = 1e-5)"
+        )
+    caught, _ = _run_check(name, fn, loss, z, dz_no_var, 1e-5, seed)
+    if not math.isfinite(caught) or caught < 1e-3:
+        raise ExerciseError(
+            f"{name}: your check passed ({caught:.3g}) a backward pass that leaves out the path "
+            "through var: draw a fresh random direction from the seed you are given"
+        )
+    again, _ = _run_check(name, fn, loss, z, dz_no_var, 1e-5, seed)
+    if again != caught:
+        raise ExerciseError(f"{name}: two calls with the same seed gave different results: draw v from `seed`")
+    print(f"✓ {name}: exact on a quadratic, catches wrong gradients, leaves x alone (5 checks)")
+
+
+# ---------------------------------------------------------------- folding BN into the layer before
+
+
+def _fold_reference(W: np.ndarray, b: np.ndarray, gamma, beta, mean, var, eps) -> tuple:
+    """W' = diag(s) W (output rows / output channels), b' = (b - mean) s + beta."""
+    scale, shift = ref.inference_affine(gamma, beta, mean, var, eps)
+    return scale.reshape((-1,) + (1,) * (W.ndim - 1)) * W, b * scale + shift
+
+
+def _fold_cases(seed: int, conv: bool) -> list[Case]:
+    """Random layers (W, b) and BN parameters; the first layer is square, so row/column mix-ups show."""
+    rng = np.random.default_rng(seed)
+    if conv:  # (C_out, C_in, kh, kw)
+        shapes = [(4, 4, 3, 3), (6, 3, 3, 3), (8, 1, 5, 5), (2, 5, 1, 1)]
+        what = "conv weight"
+        hint = ("the weight has shape (C_out, C_in, kh, kw) and BN scales the output channels: "
+                "s.reshape(-1, 1, 1, 1) * W")
+    else:  # (n_out, n_in)
+        shapes = [(5, 5), (3, 7), (10, 4), (1, 6)]
+        what = "weight"
+        hint = ("W has shape (n_out, n_in) and BN's features are the layer's outputs: scale the "
+                "rows, s[:, None] * W")
+    epss = [1e-5, 1e-3, 0.1, 1e-5]
+    cases = []
+    for k, (shape, eps) in enumerate(zip(shapes, epss)):
+        n = shape[0]
+        W = rng.normal(size=shape)
+        b = np.zeros(n) if k == 3 else rng.normal(size=n)
+        gamma = rng.uniform(0.5, 2.0, n) * rng.choice([-1.0, 1.0], n)
+        beta = rng.normal(0, 2, n)
+        mean = rng.normal(0, 3, n)
+        var = rng.uniform(0.05, 4.0, n)
+        label = f"a {what} of shape {shape}, eps = {eps:g}" + (" and b = 0 (a layer with bias=False)" if k == 3 else "")
+        cases.append(Case(label, (W, b, gamma, beta, mean, var, eps), hint if k else ""))
+    return cases
+
+
+def _wrong_fold(
+    eps_outside: bool = False, no_sqrt: bool = False, no_gamma: bool = False, columns: bool = False,
+    bias: str = "",
+) -> Variant:
+    def f(W, b, gamma, beta, mean, var, eps):
+        std = np.sqrt(var) + eps if eps_outside else (var + eps if no_sqrt else np.sqrt(var + eps))
+        s = (1.0 if no_gamma else gamma) / std
+        if columns:  # along the input axis 1
+            W2 = W * s.reshape((1, -1) + (1,) * (W.ndim - 2))
+        else:
+            W2 = W * s.reshape((-1,) + (1,) * (W.ndim - 1))
+        b2 = {
+            "": (b - mean) * s + beta,
+            "no_mean": b * s + beta,
+            "unscaled_b": b - mean * s + beta,
+            "no_beta": (b - mean) * s,
+            "mean_unscaled": b * s - mean + beta,
+        }[bias]
+        return W2, b2
+
+    return f
+
+
+def _fold_diagnoses(axis_name: str) -> list[tuple[Variant, str, str]]:
+    eps = "eps belongs inside the square root: s = gamma / sqrt(var + eps)"
+    return [
+        (_wrong_fold(columns=True), "W_folded",
+         f"you scaled the {axis_name[1]} instead of the {axis_name[0]}: BN normalises the layer's "
+         f"outputs, so s multiplies the {axis_name[0]} of W (W' = diag(s) W)"),
+        (_wrong_fold(eps_outside=True), "W_folded", eps),
+        (_wrong_fold(no_sqrt=True), "W_folded", "divide by the standard deviation sqrt(var + eps), not by the variance"),
+        (_wrong_fold(no_gamma=True), "W_folded", "you forgot gamma: s = gamma / sqrt(var + eps)"),
+        (_wrong_fold(eps_outside=True), "b_folded", eps),
+        (_wrong_fold(bias="no_mean"), "b_folded",
+         "you forgot to subtract the mean from the bias: b' = (b - mean) * s + beta"),
+        (_wrong_fold(bias="unscaled_b"), "b_folded",
+         "the layer's own bias b passes through BN too, so it is scaled: b' = (b - mean) * s + beta"),
+        (_wrong_fold(bias="no_beta"), "b_folded", "you forgot beta: b' = (b - mean) * s + beta"),
+        (_wrong_fold(bias="mean_unscaled"), "b_folded",
+         "the mean is subtracted before scaling: b' = (b - mean) * s + beta, not b * s - mean + beta"),
+    ]
+
+
+def fold_linear(fn: Callable, seed: int = 0) -> None:
+    """Check ``fn(W, b, gamma, beta, mean, var, eps) -> (W_folded, b_folded)`` for Linear + BN.
+
+    W: (n_out, n_in), b and the BN vectors: (n_out,).
+    """
+    __tracebackhide__ = True
+    check_results("fold_linear", fn, _fold_reference, _fold_cases(seed, conv=False), ("W_folded", "b_folded"),
+                  _fold_diagnoses(("rows (outputs)", "columns (inputs)")))
+
+
+def fold_conv(fn: Callable, seed: int = 0) -> None:
+    """Check ``fn(W, b, gamma, beta, mean, var, eps) -> (W_folded, b_folded)`` for Conv2d + BN2d.
+
+    W: (C_out, C_in, kh, kw), b and the BN vectors: (C_out,).
+    """
+    __tracebackhide__ = True
+    check_results("fold_conv", fn, _fold_reference, _fold_cases(seed, conv=True), ("W_folded", "b_folded"),
+                  _fold_diagnoses(("output channels (axis 0)", "input channels (axis 1)")))
