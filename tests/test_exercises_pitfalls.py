@@ -1,0 +1,248 @@
+"""The exercise checkers of chapter 10 (pitfalls) are honest.
+
+For every exercise: the solution written in the notebook passes its checker; the stub that
+`make exercises` puts in its place fails with "not implemented"; typical wrong answers fail
+with the message that names the mistake.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnkit import check_pitfalls
+from bnkit.check import ExerciseError
+
+REPO = Path(__file__).resolve().parent.parent
+CHAPTER = REPO / "chapters" / "10_pitfalls.ipynb"
+
+# function a learner writes -> its checker, in the order of the exercises
+CHECKERS = {
+    "my_batch_stat_layers": check_pitfalls.batch_stat_layers,
+    "my_stable_variance": check_pitfalls.stable_variance,
+}
+
+
+def _load_make_exercises():
+    spec = importlib.util.spec_from_file_location("make_exercises", REPO / "tools" / "make_exercises.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_exercises = _load_make_exercises()
+
+
+def _notebook() -> nbformat.NotebookNode:
+    return nbformat.read(CHAPTER, as_version=4)
+
+
+def _namespace(transform=lambda source: source) -> dict:
+    """Run the chapter's imports and its exercise cells (optionally transformed)."""
+    nb = _notebook()
+    imports = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            imports += [ast.unparse(n) for n in ast.parse(cell.source).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    namespace: dict = {}
+    exec("\n".join(imports), namespace)
+    cells = [c.source for c in nb.cells if c.cell_type == "code" and make_exercises.BEGIN in c.source]
+    for i, source in enumerate(cells):
+        exec(compile(transform(source), f"<10_pitfalls exercise cell {i}>", "exec"), namespace)
+    return namespace
+
+
+# ---------------------------------------------------------------- the notebook's exercises
+
+
+@pytest.mark.parametrize("name", CHECKERS)
+def test_solution_passes(name, capsys):
+    assert CHECKERS[name](_namespace()[name]) is None
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("✓ ") and "correct" in lines[0]
+
+
+@pytest.mark.parametrize("name", CHECKERS)
+def test_stub_fails(name):
+    stubbed = _namespace(lambda s: make_exercises.stub_solutions(s, "Exercise 10.1: "))
+    with pytest.raises(ExerciseError, match="not implemented yet") as info:
+        CHECKERS[name](stubbed[name])
+    assert name in str(info.value)
+
+
+def test_each_exercise_has_its_check_cell_and_a_hidden_solution():
+    nb = _notebook()
+    sources = [c.source for c in nb.cells]
+    exercises = [i for i, s in enumerate(sources) if make_exercises.EXERCISE.search(s)]
+    assert len(exercises) == len(CHECKERS) >= 2
+    for i, name in zip(exercises, CHECKERS):
+        label = re.search(r":label: (\S+)", sources[i])[1]
+        assert label.startswith("ex-pit-")
+        solution, check_cell, explained = nb.cells[i + 1 : i + 4]
+        assert f"def {name}(" in solution.source
+        assert make_exercises.BEGIN in solution.source and "# HINT:" in solution.source
+        assert re.search(rf"check_pitfalls\.\w+\({name}\)", check_cell.source)
+        assert f"```{{solution-start}} {label}" in explained.source and ":class: dropdown" in explained.source
+        assert "```{solution-end}" in explained.source
+
+
+def test_learner_copy_has_no_solutions():
+    learner = make_exercises.learner_copy(_notebook(), "10")
+    text = "\n".join(c.source for c in learner.cells)
+    assert make_exercises.BEGIN not in text and "solution-start" not in text
+    assert re.findall(r'NotImplementedError\("Exercise (10\.\d)', text) == ["10.1", "10.2"]
+
+
+# ---------------------------------------------------------------- typical wrong answers: BN layers
+
+
+def layers_from_model_flag(model):
+    return [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)] if model.training else []
+
+
+def layers_any_training(model):
+    return [n for n, m in model.named_modules() if n and m.training]
+
+
+def layers_only_1d(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm1d) and m.training]
+
+
+def layers_exact_type(model):
+    return [n for n, m in model.named_modules() if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and m.training]
+
+
+def layers_ignore_track_running_stats(model):
+    return [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training]
+
+
+def layers_top_level(model):
+    return [n for n, m in model.named_children() if isinstance(m, _BatchNorm) and m.training]
+
+
+def layers_as_modules(model):
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
+
+
+def layers_by_calling_eval(model):
+    names = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training]
+    model.eval()  # wrong: a check must not change the model
+    return names
+
+
+# ---------------------------------------------------------------- typical wrong answers: variance
+
+
+def variance_one_pass(z):
+    return (z * z).mean(axis=0) - z.mean(axis=0) ** 2  # E[x^2] - E[x]^2 in z's dtype
+
+
+def variance_one_pass_float64(z):
+    z = z.astype(np.float64)  # upcasting does not save the one-pass formula at 1e9
+    return (z * z).mean(axis=0) - z.mean(axis=0) ** 2
+
+
+def variance_one_pass_sums(z):
+    m = len(z)
+    return (np.sum(z * z, axis=0) - np.sum(z, axis=0) ** 2 / m) / m  # the "sum and sum of squares" kernel
+
+
+def variance_unbiased(z):
+    z_new = z - z.mean(axis=0)
+    return (z_new * z_new).sum(axis=0) / (len(z) - 1)
+
+
+def variance_std(z):
+    z_new = z - z.mean(axis=0)
+    return np.sqrt((z_new * z_new).mean(axis=0))
+
+
+def variance_per_example(z):
+    z_new = z - z.mean(axis=1, keepdims=True)
+    return (z_new * z_new).mean(axis=1)
+
+
+WRONG = [
+    (check_pitfalls.batch_stat_layers, layers_from_model_flag, "you looked at model.training"),
+    (check_pitfalls.batch_stat_layers, layers_any_training, "you listed every module in training mode"),
+    (check_pitfalls.batch_stat_layers, layers_only_1d, "you only looked for BatchNorm1d"),
+    (check_pitfalls.batch_stat_layers, layers_exact_type, "you compared type(m)"),
+    (check_pitfalls.batch_stat_layers, layers_ignore_track_running_stats, "track_running_stats=False"),
+    (check_pitfalls.batch_stat_layers, layers_top_level, "only looked at the top-level layers"),
+    (check_pitfalls.batch_stat_layers, layers_as_modules, "not the modules themselves"),
+    (check_pitfalls.batch_stat_layers, layers_by_calling_eval, "changed the mode of some layers"),
+    (check_pitfalls.stable_variance, variance_one_pass, "catastrophic cancellation"),
+    (check_pitfalls.stable_variance, variance_one_pass_sums, "catastrophic cancellation"),
+    (check_pitfalls.stable_variance, variance_one_pass_float64, "Converting to float64 is not the cure"),
+    (check_pitfalls.stable_variance, variance_unbiased, "you divided by m-1"),
+    (check_pitfalls.stable_variance, variance_std, "you returned the standard deviation"),
+    (check_pitfalls.stable_variance, variance_per_example, "the statistics are per feature"),
+]
+
+
+@pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[w.__name__ for _, w, _ in WRONG])
+def test_wrong_answer_named(checker, wrong, message):
+    with pytest.raises(ExerciseError) as info:
+        checker(wrong)
+    assert message in str(info.value)
+    assert "Traceback" not in str(info.value)
+
+
+def test_every_exercise_has_at_least_two_diagnosed_mistakes():
+    counts = {checker: sum(c is checker for c, _, _ in WRONG) for checker in CHECKERS.values()}
+    assert all(n >= 2 for n in counts.values())
+
+
+def test_float32_cancellation_message_names_dtype_offset_and_error():
+    with pytest.raises(ExerciseError) as info:
+        check_pitfalls.stable_variance(variance_one_pass)
+    message = str(info.value)
+    assert "float32" in message and "near 1e4" in message and "relative error" in message
+
+
+def test_welford_and_numpy_pass(capsys):
+    def welford(z):
+        mean, m2 = np.zeros(z.shape[1], z.dtype), np.zeros(z.shape[1], z.dtype)
+        for k, x in enumerate(z, start=1):  # one pass, row by row, in z's dtype
+            delta = x - mean
+            mean = mean + delta / k
+            m2 = m2 + delta * (x - mean)
+        return m2 / len(z)
+
+    check_pitfalls.stable_variance(welford)
+    check_pitfalls.stable_variance(lambda z: z.var(axis=0))
+    assert capsys.readouterr().out.count("✓") == 2
+
+
+def test_errors_in_learner_code_are_reported():
+    with pytest.raises(ExerciseError, match="your function raised"):
+        check_pitfalls.stable_variance(lambda z: z @ np.ones(7))
+    with pytest.raises(ExerciseError, match="your function raised AttributeError"):
+        check_pitfalls.batch_stat_layers(lambda model: model.bn_layers())
+    with pytest.raises(ExerciseError, match="returned None"):
+        check_pitfalls.batch_stat_layers(lambda model: None)
+    with pytest.raises(ExerciseError, match="expected a function"):
+        check_pitfalls.stable_variance(3.0)
+
+
+def test_learners_copy_runs_and_only_the_checks_fail():
+    """In the learners' copy every cell runs except the check cells, which say 'not implemented'."""
+    nbclient = pytest.importorskip("nbclient")
+    learner = make_exercises.learner_copy(_notebook(), "10")
+    client = nbclient.NotebookClient(
+        learner, timeout=300, kernel_name="python3", allow_errors=True,
+        resources={"metadata": {"path": str(CHAPTER.parent)}},
+    )
+    client.execute()
+    errors = {i: o for i, c in enumerate(learner.cells) if c.cell_type == "code" for o in c.outputs if o.output_type == "error"}
+    checks = [i for i, c in enumerate(learner.cells) if c.cell_type == "code" and "check_pitfalls." in c.source]
+    assert sorted(errors) == checks and len(checks) == len(CHECKERS)
+    for output in errors.values():
+        assert output.ename == "ExerciseError" and "not implemented yet" in output.evalue
