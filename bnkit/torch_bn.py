@@ -125,6 +125,9 @@ class BatchNorm2d(_EstimatorBatchNorm, nn.BatchNorm2d):
 # ---------------------------------------------------------------- population statistics
 
 
+_NO_BATCH = object()  # what next(iter(batches), _NO_BATCH) gives for no batches
+
+
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the layer of interest has been seen."""
 
@@ -202,6 +205,14 @@ def recompute_stats(
     the running statistics are left as they were.
     Returns {layer name: (mean, var)} as written into the buffers.
     """
+    return _recompute(model, batches, estimator, upstream, _estimate)
+
+
+def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: str, estimate) -> dict:
+    """recompute_stats with the step from a layer's per-batch BatchStats to its (mean, var) given
+    as ``estimate(per_batch, estimator)``, called once per layer in the same order on every call
+    (bn_layers order for "train", execution order for "eval"): bnkit.distributed passes one that
+    merges the statistics of all processes."""
     if estimator not in ("exact", "algorithm2"):
         raise ValueError(f"estimator must be 'exact' or 'algorithm2', got {estimator!r}")
     if upstream not in ("train", "eval"):
@@ -221,22 +232,25 @@ def recompute_stats(
             for bn in layers:
                 bn.train()  # batch statistics upstream (this also updates buffers: restored below)
             stats = _collect(model, layers, batches, device)
-            new = {bn: _estimate(stats[bn], estimator) for bn in layers}
+            new = {bn: estimate(stats[bn], estimator) for bn in layers}
             for bn, (rm, rv, nbt) in saved.items():
                 bn.running_mean.copy_(rm), bn.running_var.copy_(rv), bn.num_batches_tracked.copy_(nbt)
         else:
+            first = next(iter(batches), _NO_BATCH)
+            if first is _NO_BATCH:  # not a StopIteration escaping from here
+                raise ValueError("recompute_stats needs at least one batch")
             order = []  # execution order of the BN layers, from the first batch
             handles = [bn.register_forward_pre_hook(lambda bn, args: order.append(bn)) for bn in layers]
             try:
                 with torch.no_grad():
-                    model(_inputs(next(iter(batches))).to(device))
+                    model(_inputs(first).to(device))
             finally:
                 for h in handles:
                     h.remove()
             new = {}
             for bn in dict.fromkeys(order):  # each layer once, upstream first
                 stats = _collect(model, [bn], batches, device, stop_after=bn)
-                new[bn] = _estimate(stats[bn], estimator)
+                new[bn] = estimate(stats[bn], estimator)
                 bn.running_mean.copy_(new[bn][0]), bn.running_var.copy_(new[bn][1])
             missing = [bn for bn in layers if bn not in new]
             if missing:

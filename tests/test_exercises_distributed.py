@@ -1,0 +1,259 @@
+"""The exercise checkers of chapter 9 (across devices and processes) are honest.
+
+For every exercise: the solution written in the notebook passes its checker; the stub that
+`make exercises` puts in its place fails with "not implemented"; typical wrong answers fail
+with the message that names the mistake.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+from bnkit import check_distributed
+from bnkit.check import ExerciseError
+from bnkit.running import BatchStats
+
+REPO = Path(__file__).resolve().parent.parent
+CHAPTER = REPO / "chapters" / "09_distributed.ipynb"
+
+# every function a learner writes in the chapter, and its checker, in the order of the exercises
+CHECKERS = {
+    "my_merge": check_distributed.merge,
+    "my_combine_variances": check_distributed.combine_variances,
+}
+
+
+def _load_make_exercises():
+    spec = importlib.util.spec_from_file_location("make_exercises", REPO / "tools" / "make_exercises.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_exercises = _load_make_exercises()
+
+
+def _notebook() -> nbformat.NotebookNode:
+    return nbformat.read(CHAPTER, as_version=4)
+
+
+def _imports(nb: nbformat.NotebookNode) -> str:
+    """The notebook's import statements, as its exercise cells see them."""
+    lines = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    lines.append(ast.unparse(node))
+    return "\n".join(lines)
+
+
+def _namespace(transform=lambda source: source) -> dict:
+    """Run the chapter's imports and its exercise cells (optionally transformed)."""
+    nb = _notebook()
+    namespace: dict = {}
+    exec(_imports(nb), namespace)
+    cells = [c.source for c in nb.cells if c.cell_type == "code" and make_exercises.BEGIN in c.source]
+    for i, source in enumerate(cells):
+        exec(compile(transform(source), f"<09_distributed exercise cell {i}>", "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module")
+def solutions() -> dict:
+    return _namespace()
+
+
+@pytest.fixture(scope="module")
+def stubs() -> dict:
+    return _namespace(lambda s: make_exercises.stub_solutions(s, "Exercise 9.1: "))
+
+
+# ---------------------------------------------------------------- solutions, stubs, structure
+
+
+@pytest.mark.parametrize("name", CHECKERS)
+def test_solution_in_the_notebook_passes(name, solutions, capsys):
+    assert CHECKERS[name](solutions[name]) is None
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("✓ ") and "correct" in lines[0]
+
+
+@pytest.mark.parametrize("name", CHECKERS)
+def test_stub_fails_with_not_implemented(name, stubs):
+    with pytest.raises(ExerciseError, match="not implemented yet") as info:
+        CHECKERS[name](stubs[name])
+    assert name in str(info.value)  # names the function to fill in
+
+
+def test_every_exercise_has_a_checker_a_check_cell_and_a_hidden_solution():
+    nb = _notebook()
+    sources = [c.source for c in nb.cells]
+    exercises = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "```{exercise}" in c.source]
+    assert len(exercises) == len(CHECKERS) >= 2
+    for i, name in zip(exercises, CHECKERS):
+        label = re.search(r":label: (\S+)", sources[i])[1]
+        solution, check_cell, explained = nb.cells[i + 1 : i + 4]
+        assert f"def {name}(" in solution.source
+        assert make_exercises.BEGIN in solution.source and "# HINT:" in solution.source
+        assert re.search(rf"check_distributed\.\w+\({name}\)", check_cell.source)
+        assert f"```{{solution-start}} {label}" in explained.source and ":class: dropdown" in explained.source
+        assert "```{solution-end}" in explained.source
+
+
+def test_learner_copy_has_no_solutions():
+    learner = make_exercises.learner_copy(_notebook(), "9")
+    text = "\n".join(c.source for c in learner.cells)
+    assert make_exercises.BEGIN not in text and "solution-start" not in text
+    assert text.count("raise NotImplementedError") == len(CHECKERS)
+
+
+# ---------------------------------------------------------------- typical wrong answers, exercise 1
+
+
+def _n(a, b):
+    return a.count + b.count
+
+
+def _right_mean(a, b):
+    return a.mean + (b.mean - a.mean) * (b.count / _n(a, b))
+
+
+def _right_m2(a, b):
+    delta = b.mean - a.mean
+    return a.m2 + b.m2 + delta**2 * (a.count * b.count / _n(a, b))
+
+
+def merge_unweighted_mean(a, b):
+    return BatchStats(_n(a, b), (a.mean + b.mean) / 2, _right_m2(a, b))
+
+
+def merge_no_between_term(a, b):
+    return BatchStats(_n(a, b), _right_mean(a, b), a.m2 + b.m2)
+
+
+def merge_between_not_divided(a, b):
+    delta = b.mean - a.mean
+    return BatchStats(_n(a, b), _right_mean(a, b), a.m2 + b.m2 + delta**2 * a.count * b.count)
+
+
+def merge_returns_variance(a, b):
+    return BatchStats(_n(a, b), _right_mean(a, b), _right_m2(a, b) / _n(a, b))
+
+
+def merge_swapped_weights(a, b):
+    return BatchStats(_n(a, b), a.mean + (b.mean - a.mean) * (a.count / _n(a, b)), _right_m2(a, b))
+
+
+def merge_raw_sums(a, b):
+    """Right algebra, through raw sums of squares: cancels for values near 1e6."""
+    n = _n(a, b)
+    mean = (a.count * a.mean + b.count * b.mean) / n
+    sum_sq = a.m2 + a.count * a.mean**2 + b.m2 + b.count * b.mean**2
+    return BatchStats(n, mean, sum_sq - n * mean**2)
+
+
+def merge_torch(a, b):
+    """Right, in torch: the checker accepts tensors too."""
+    a = BatchStats(a.count, torch.as_tensor(a.mean), torch.as_tensor(a.m2))
+    b = BatchStats(b.count, torch.as_tensor(b.mean), torch.as_tensor(b.m2))
+    return BatchStats(_n(a, b), _right_mean(a, b), _right_m2(a, b))
+
+
+# ---------------------------------------------------------------- typical wrong answers, exercise 2
+
+
+def combine_average(counts, means, variances):
+    return variances.mean(axis=0)
+
+
+def combine_weighted_average(counts, means, variances):
+    return (counts[:, None] * variances).sum(axis=0) / counts.sum()
+
+
+def _between(counts, means):
+    mean = (counts[:, None] * means).sum(axis=0) / counts.sum()
+    return (counts[:, None] * (means - mean) ** 2).sum(axis=0)
+
+
+def combine_biased(counts, means, variances):
+    return (((counts[:, None] - 1) * variances).sum(axis=0) + _between(counts, means)) / counts.sum()
+
+
+def combine_n_times_var(counts, means, variances):
+    return ((counts[:, None] * variances).sum(axis=0) + _between(counts, means)) / (counts.sum() - 1)
+
+
+def combine_unweighted_global_mean(counts, means, variances):
+    w = counts[:, None]
+    between = (w * (means - means.mean(axis=0)) ** 2).sum(axis=0)
+    return (((w - 1) * variances).sum(axis=0) + between) / (counts.sum() - 1)
+
+
+def combine_raw_sums(counts, means, variances):
+    w, N = counts[:, None], counts.sum()
+    mean = (w * means).sum(axis=0) / N
+    return (((w - 1) * variances + w * means**2).sum(axis=0) - N * mean**2) / (N - 1)
+
+
+WRONG = [
+    (check_distributed.merge, merge_unweighted_mean, "you averaged the means without weighting by count"),
+    (check_distributed.merge, merge_no_between_term, "you forgot the between-group term delta^2 * n_a * n_b / n"),
+    (check_distributed.merge, merge_between_not_divided, "you did not divide by n = n_a + n_b"),
+    (check_distributed.merge, merge_returns_variance, "you returned the variance M2 / n"),
+    (check_distributed.merge, merge_swapped_weights, "the weights are swapped"),
+    (check_distributed.merge, merge_raw_sums, "values near 1e6: wrong values"),
+    (check_distributed.merge, lambda a, b: [a.count + b.count, a.mean, a.m2], "return BatchStats(count, mean, m2)"),
+    (check_distributed.merge, lambda a, b: BatchStats((a.count + b.count) / 2, a.mean, a.m2), "you averaged the counts"),
+    (check_distributed.combine_variances, combine_average, "you averaged the workers' variances"),
+    (check_distributed.combine_variances, combine_weighted_average, "you weighted the variances by count"),
+    (check_distributed.combine_variances, combine_biased, "you divided by N: the unbiased variance"),
+    (check_distributed.combine_variances, combine_n_times_var, "you used n_k * var_k"),
+    (check_distributed.combine_variances, combine_unweighted_global_mean, "not the plain average of the worker means"),
+    (check_distributed.combine_variances, combine_raw_sums, "values near 1e8: wrong values"),
+]
+
+
+@pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[f"{c.__name__}-{m[:30]}" for c, _, m in WRONG])
+def test_typical_wrong_answer_is_diagnosed(checker, wrong, message):
+    with pytest.raises(ExerciseError) as info:
+        checker(wrong)
+    text = str(info.value)
+    if message.endswith(": wrong values"):  # the cancellation: no variant matches, the case's hint explains
+        where = message.split(":")[0]
+        assert "wrong values" in text and where in text and "raw sums of squares" in text
+    else:
+        assert message in text
+
+
+def test_every_exercise_has_two_diagnosed_mistakes():
+    counts = {checker: sum(c is checker for c, _, _ in WRONG) for checker in CHECKERS.values()}
+    assert all(n >= 2 for n in counts.values())
+
+
+def test_merge_accepts_tensors_and_a_learner_that_modifies_its_inputs(capsys):
+    check_distributed.merge(merge_torch)
+
+    def in_place(a, b):
+        expected = BatchStats(_n(a, b), _right_mean(a, b), _right_m2(a, b))
+        a.mean[:] = 0  # changes the checker's copy only
+        return expected
+
+    check_distributed.merge(in_place)
+    assert capsys.readouterr().out.count("✓") == 2
+
+
+def test_learner_errors_are_explained():
+    with pytest.raises(ExerciseError, match="did you forget `return`"):
+        check_distributed.merge(lambda a, b: None)
+    with pytest.raises(ExerciseError, match="your function raised AttributeError"):
+        check_distributed.merge(lambda a, b: a.variance)
+    with pytest.raises(ExerciseError, match="expected a function"):
+        check_distributed.combine_variances(np.zeros(3))
