@@ -39,7 +39,11 @@ def _per_feature(v: Array, ndim: int) -> Array:
 
 def batch_mean(z: Array) -> Array:
     """Step 1: mu, shape (n,) or (C,), the mean of each feature over the batch."""
-    return z.mean(axis=stat_axes(z.ndim))
+    axes = stat_axes(z.ndim)
+    mu = z.mean(axis=axes)
+    if z.itemsize < 8:  # float32: a running sum of values far from 0 loses the digits of their spread,
+        mu = mu + (z - _per_feature(mu, z.ndim)).mean(axis=axes)  # so one correction pass (exact differences)
+    return mu
 
 
 def center(z: Array, mu: Array) -> Array:
