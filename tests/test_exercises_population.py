@@ -1,0 +1,308 @@
+"""The exercise checkers of chapters 4 (running estimates) and 5 (population statistics) are honest.
+
+For every exercise: the solution written in the notebook passes its checker; the stub that
+`make exercises` puts in its place fails with "not implemented"; typical wrong answers fail
+with the message that names the mistake. Also tests bnkit.recording, which chapter 4 uses.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+from bnkit import check_population, running
+from bnkit.check import ExerciseError
+from bnkit.nets import mlp
+from bnkit.recording import BatchStatsRecorder
+
+REPO = Path(__file__).resolve().parent.parent
+CHAPTERS = {
+    "04_running_estimates": REPO / "chapters" / "04_running_estimates.ipynb",
+    "05_population_stats": REPO / "chapters" / "05_population_stats.ipynb",
+}
+
+# chapter -> {function a learner writes: its checker}, in the order of the exercises
+CHECKERS = {
+    "04_running_estimates": {
+        "my_bn_infer": check_population.bn_infer,
+        "my_update_running": check_population.update_running,
+    },
+    "05_population_stats": {
+        "my_merge": check_population.merge,
+        "my_algorithm2": check_population.algorithm2,
+    },
+}
+EXERCISES = [(chapter, name) for chapter, names in CHECKERS.items() for name in names]
+
+
+def _load_make_exercises():
+    spec = importlib.util.spec_from_file_location("make_exercises", REPO / "tools" / "make_exercises.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_exercises = _load_make_exercises()
+
+
+def _notebook(chapter: str) -> nbformat.NotebookNode:
+    return nbformat.read(CHAPTERS[chapter], as_version=4)
+
+
+def _imports(nb: nbformat.NotebookNode) -> str:
+    """The notebook's import statements, as its exercise cells see them."""
+    lines = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    lines.append(ast.unparse(node))
+    return "\n".join(lines)
+
+
+def _solution_cells(nb: nbformat.NotebookNode) -> list[str]:
+    return [c.source for c in nb.cells if c.cell_type == "code" and make_exercises.BEGIN in c.source]
+
+
+def _namespace(chapter: str, transform=lambda source: source) -> dict:
+    """Run the chapter's imports and its exercise cells (optionally transformed)."""
+    nb = _notebook(chapter)
+    namespace: dict = {}
+    exec(_imports(nb), namespace)
+    for i, source in enumerate(_solution_cells(nb)):
+        exec(compile(transform(source), f"<{chapter} exercise cell {i}>", "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module", params=list(CHAPTERS))
+def chapter(request) -> str:
+    return request.param
+
+
+# ---------------------------------------------------------------- solutions, stubs, layout
+
+
+@pytest.mark.parametrize("chapter_name, name", EXERCISES)
+def test_solution_passes(chapter_name, name, capsys):
+    fn = _namespace(chapter_name)[name]
+    assert CHECKERS[chapter_name][name](fn) is None
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("✓ ") and "correct" in lines[0]
+
+
+@pytest.mark.parametrize("chapter_name, name", EXERCISES)
+def test_stub_fails_with_not_implemented(chapter_name, name):
+    chapter_number = chapter_name[:2].lstrip("0")
+    stubbed = _namespace(chapter_name, lambda s: make_exercises.stub_solutions(s, f"Exercise {chapter_number}.1: "))
+    with pytest.raises(ExerciseError, match="not implemented yet") as info:
+        CHECKERS[chapter_name][name](stubbed[name])
+    assert name in str(info.value)  # the message names the function to fill in
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no traceback into bnkit
+
+
+def test_every_exercise_has_a_checker_a_check_cell_and_a_hidden_solution(chapter):
+    nb = _notebook(chapter)
+    sources = [c.source for c in nb.cells]
+    defined = set()
+    for source in _solution_cells(nb):
+        defined |= {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
+    assert defined == set(CHECKERS[chapter])
+    exercises = [i for i, s in enumerate(sources) if nb.cells[i].cell_type == "markdown" and "```{exercise}" in s]
+    assert len(exercises) == len(CHECKERS[chapter]) >= 2
+    for i, name in zip(exercises, CHECKERS[chapter]):
+        label = re.search(r":label: (\S+)", sources[i])[1]
+        solution, check_cell, explained = nb.cells[i + 1 : i + 4]
+        assert f"def {name}(" in solution.source
+        assert make_exercises.BEGIN in solution.source and "# HINT:" in solution.source
+        assert re.search(rf"check_population\.\w+\({name}\)", check_cell.source)
+        assert f"```{{solution-start}} {label}" in explained.source and ":class: dropdown" in explained.source
+        assert "```{solution-end}" in explained.source
+
+
+def test_learner_copy_has_no_solutions(chapter):
+    nb = _notebook(chapter)
+    number = chapter[:2].lstrip("0")
+    learner = make_exercises.learner_copy(nb, number)
+    text = "\n".join(c.source for c in learner.cells)
+    assert make_exercises.BEGIN not in text and "solution-start" not in text
+    stubs = re.findall(rf'raise NotImplementedError\("Exercise {number}\.(\d): ', text)
+    assert sorted(stubs) == [str(k) for k in range(1, len(CHECKERS[chapter]) + 1)]
+
+
+# ---------------------------------------------------------------- typical wrong answers
+
+
+def infer_with_batch_stats(z, gamma, beta, mean, var, eps):
+    z_new = z - z.mean(axis=0)  # training mode: the statistics of z itself
+    return gamma * z_new / np.sqrt(z.var(axis=0) + eps) + beta
+
+
+def update_keras(rm, rv, mu, var, count, momentum):
+    return momentum * rm + (1 - momentum) * mu, momentum * rv + (1 - momentum) * var * count / (count - 1)
+
+
+def update_biased(rm, rv, mu, var, count, momentum):
+    return (1 - momentum) * rm + momentum * mu, (1 - momentum) * rv + momentum * var
+
+
+def update_in_place(rm, rv, mu, var, count, momentum):
+    rm *= 1 - momentum  # changes the checker's copies only: still the right values
+    rm += momentum * mu
+    return rm, (1 - momentum) * rv + momentum * var * count / (count - 1)
+
+
+def merge_no_spread(a, b):
+    n = a.count + b.count
+    return n, (a.count * a.mean + b.count * b.mean) / n, a.m2 + b.m2
+
+
+def merge_plain_mean(a, b):
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    return n, (a.mean + b.mean) / 2, a.m2 + b.m2 + delta**2 * a.count * b.count / n
+
+
+def merge_no_n(a, b):
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    return n, (a.count * a.mean + b.count * b.mean) / n, a.m2 + b.m2 + delta**2 * a.count * b.count
+
+
+def merge_sums_of_squares(a, b):
+    """Right in exact arithmetic, through sum x and sum x**2: loses the digits for a large mean."""
+    n = a.count + b.count
+    s1 = a.count * a.mean + b.count * b.mean
+    s2 = (a.m2 + a.count * a.mean**2) + (b.m2 + b.count * b.mean**2)
+    return n, s1 / n, s2 - s1**2 / n
+
+
+WRONG = [
+    # chapter 4, exercise 1: test-time BN
+    (check_population.bn_infer, infer_with_batch_stats, "you normalised with the statistics of z itself"),
+    (check_population.bn_infer, lambda z, g, b, m, v, eps: g * (z - m) / (np.sqrt(v) + eps) + b,
+     "eps belongs inside the square root"),
+    (check_population.bn_infer, lambda z, g, b, m, v, eps: b * (z - m) / np.sqrt(v + eps) + g, "gamma and beta are swapped"),
+    (check_population.bn_infer, lambda z, g, b, m, v, eps: (z - m) / np.sqrt(v + eps), "you returned z_norm"),
+    # chapter 4, exercise 2: one running update
+    (check_population.update_running, update_keras, "Keras's convention"),
+    (check_population.update_running, update_biased, "you averaged the biased variance"),
+    (check_population.update_running, lambda rm, rv, mu, var, c, mom: (mu, var * c / (c - 1)),
+     "you returned the batch's statistics"),
+    (check_population.update_running, lambda rm, rv, mu, var, c, mom: np.stack([rm, rv]),
+     "return the pair (new_mean, new_var), 2 values, got ndarray"),
+    # chapter 5, exercise 1: Chan et al.'s merge
+    (check_population.merge, merge_no_spread, "left out the spread between the two means"),
+    (check_population.merge, merge_plain_mean, "weight each mean by its count"),
+    (check_population.merge, merge_no_n, "you forgot to divide by n = n_a + n_b"),
+    (check_population.merge, merge_sums_of_squares, "wrong values on batches of 1000 and 20 values around 1e6"),
+    (check_population.merge, lambda a, b: (a.count + b.count, a.mean), "return (count, mean, m2), 3 values"),
+    # chapter 5, exercise 2: Algorithm 2
+    (check_population.algorithm2, lambda mus, v, m: (mus.mean(0), v.mean(0)), "you forgot the m/(m-1) correction"),
+    (check_population.algorithm2, lambda mus, v, m: (mus.mean(0), m / (m - 1) * (v.mean(0) + mus.var(0))),
+     "you averaged the variances but also added the spread of the batch means"),
+    (check_population.algorithm2, lambda mus, v, m: (mus.mean(0), v.mean(0) * len(v) / (len(v) - 1)),
+     "not the number of batches"),
+    (check_population.algorithm2, lambda mus, v, m: (mus.mean(0), m / (m - 1) * np.sqrt(v).mean(0) ** 2),
+     "you averaged standard deviations"),
+    (check_population.algorithm2, lambda mus, v, m: (mus.mean(1), m / (m - 1) * v.mean(1)), "averaged over the features"),
+]
+
+
+@pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[f"{c.__name__}-{m[:30]}" for c, _, m in WRONG])
+def test_typical_wrong_answer_is_diagnosed(checker, wrong, message):
+    with pytest.raises(ExerciseError) as info:
+        checker(wrong)
+    assert message in str(info.value)
+
+
+def test_every_checker_has_at_least_two_diagnosed_mistakes():
+    counts: dict = {}
+    for checker, _, _ in WRONG:
+        counts[checker] = counts.get(checker, 0) + 1
+    assert all(counts.get(c, 0) >= 2 for names in CHECKERS.values() for c in names.values())
+
+
+def test_the_right_answers_in_other_forms_pass(capsys):
+    """Tensors, lists and in-place updates of the checker's copies are all accepted."""
+    check_population.update_running(update_in_place)
+    check_population.merge(lambda a, b: list(running.merge(a, b)))  # a list, and BatchStats itself
+    check_population.algorithm2(lambda mus, v, m: [torch.as_tensor(x) for x in running.algorithm2(mus, v, m)])
+    check_population.bn_infer(lambda *args: torch.as_tensor(running_forward_infer(*args)))
+    assert capsys.readouterr().out.count("✓") == 4
+
+
+def running_forward_infer(z, gamma, beta, mean, var, eps):
+    from bnkit.reference import forward_infer
+
+    return forward_infer(z, gamma, beta, mean, var, eps)
+
+
+def test_a_learners_exception_is_reported_with_the_learners_line():
+    def my_algorithm2(mus, variances, m):
+        return mus.mean(axis=0), m / (m - 1) * variances.mean(axis=2)  # no axis 2
+
+    with pytest.raises(ExerciseError) as info:
+        check_population.algorithm2(my_algorithm2)
+    message = str(info.value)
+    assert message.startswith("algorithm2: your function raised AxisError")
+    assert "variances.mean(axis=2)" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_returning_none_is_explained():
+    for checker, fn in [(check_population.merge, lambda a, b: None),
+                        (check_population.update_running, lambda *a: None),
+                        (check_population.bn_infer, lambda *a: None)]:
+        with pytest.raises(ExerciseError, match="forget `return`"):
+            checker(fn)
+
+
+# ---------------------------------------------------------------- bnkit.recording
+
+
+def _train_steps(model: torch.nn.Module, steps: int, m: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(m, 64, generator=gen) * 2 + 1 for _ in range(steps)]
+    model.train()
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    return xs
+
+
+def test_recorder_matches_the_layers_input_and_buffers():
+    model = mlp(hidden=(8, 6), seed=1)
+    with BatchStatsRecorder(model) as rec:
+        xs = _train_steps(model, 5)
+        model.eval()(xs[0])  # eval-mode calls are not recorded
+    assert rec.names == ["1", "4"] and rec.steps == 5
+    trace = rec.trace("1")
+    z = model[0](xs[-1]).detach().double().numpy()  # the first BN layer's last input
+    assert trace.mu.shape == (5, 8) and trace.count.tolist() == [16] * 5
+    np.testing.assert_allclose(trace.mu[-1], z.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(trace.var[-1], z.var(0), rtol=1e-12)  # biased
+    np.testing.assert_array_equal(trace.running_var[-1], model[1].running_var.double().numpy())
+    means, variances = running.running_estimates(trace.mu, trace.var, 16, "ema", 0.1)
+    np.testing.assert_allclose(means, trace.running_mean, atol=1e-6)
+    np.testing.assert_allclose(variances, trace.running_var, rtol=1e-6)
+
+
+def test_recorder_removes_its_hooks_and_rejects_unknown_layers():
+    model = mlp(hidden=(8,), seed=0)
+    rec = BatchStatsRecorder(model, layers=["1"])
+    rec.remove()
+    _train_steps(model, 2)
+    with pytest.raises(ValueError, match="has not run in training mode"):
+        rec.trace("1")
+    with pytest.raises(KeyError):
+        rec.trace("0")
+    with pytest.raises(ValueError, match="not BN layers"):
+        BatchStatsRecorder(model, layers=["0"])
+    with pytest.raises(ValueError, match="no BatchNorm layer"):
+        BatchStatsRecorder(mlp(hidden=(8,), bn=False))
