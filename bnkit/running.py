@@ -27,7 +27,7 @@ All functions work on NumPy arrays and on torch tensors (they only use arithmeti
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -150,21 +150,25 @@ def update_running(
 def running_estimates(
     mus: Array,
     variances: Array,
-    count: int,
+    count: int | Sequence[int],
     estimator: str = "ema",
     momentum: float | None = 0.1,
     init: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[np.ndarray, np.ndarray]:
     """The estimate after each of T batches, starting from PyTorch's (0, 1).
 
-    mus, variances: (T, n) batch means and biased variances over ``count`` values each.
+    mus, variances: (T, n) batch means and biased variances; count: the number of values
+    per feature in every batch, or one count per batch, (T,) (a last batch may be smaller).
     Returns (means, vars), each (T, n) in float64: row t is the estimate after batch t + 1.
     """
     mus, variances = np.asarray(mus, np.float64), np.asarray(variances, np.float64)
+    counts = np.broadcast_to(np.asarray(count), (len(mus),))
     mean, var = np.full(mus.shape[1:], init[0]), np.full(mus.shape[1:], init[1])
     means, vars_ = np.empty_like(mus), np.empty_like(mus)
     for t in range(1, len(mus) + 1):
-        mean, var = update_running(mean, var, mus[t - 1], variances[t - 1], count, t, estimator, momentum)
+        mean, var = update_running(
+            mean, var, mus[t - 1], variances[t - 1], int(counts[t - 1]), t, estimator, momentum
+        )
         means[t - 1], vars_[t - 1] = mean, var
     return means, vars_
 

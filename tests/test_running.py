@@ -341,3 +341,18 @@ def test_algorithm2_misses_the_spread_of_sorted_batch_means():
             np.testing.assert_allclose(var, exact_var, rtol=0.1)
         else:
             assert var[0] < 0.1 * exact_var[0]  # the sorted feature: most of the variance is missed
+
+
+def test_running_estimates_takes_one_count_per_batch():
+    """A training loop's last batch is often smaller: its unbiased correction uses its own count."""
+    rng = np.random.default_rng(7)
+    mus, variances = rng.normal(size=(3, 4)), rng.uniform(0.5, 2.0, size=(3, 4))
+    counts = [64, 64, 3]
+    means, vars_ = running.running_estimates(mus, variances, counts)
+    mean, var = np.zeros(4), np.ones(4)
+    for t, (mu, v, c) in enumerate(zip(mus, variances, counts), start=1):
+        mean, var = running.update_running(mean, var, mu, v, c, t)
+    np.testing.assert_allclose(means[-1], mean, rtol=1e-15)
+    np.testing.assert_allclose(vars_[-1], var, rtol=1e-15)
+    _, vars_same = running.running_estimates(mus, variances, 64)
+    assert not np.allclose(vars_same[-1], var)  # the count of the last batch matters
