@@ -1,0 +1,220 @@
+"""The exercise checkers of chapter 6 (how robust is it?) are honest.
+
+For every exercise: the solution written in the notebook passes its checker; the stub that
+`make exercises` puts in its place fails with "not implemented"; typical wrong answers fail
+with the message that names the mistake.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import importlib.util
+import math
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from bnkit import check_robustness, torch_bn
+from bnkit.check import ExerciseError
+
+REPO = Path(__file__).resolve().parent.parent
+CHAPTER = REPO / "chapters" / "06_robustness.ipynb"
+CHECKERS = {  # function a learner writes -> its checker, in the order of the exercises
+    "my_steps_needed": check_robustness.steps_needed,
+    "my_adabn": check_robustness.adabn,
+}
+
+
+def _load_make_exercises():
+    spec = importlib.util.spec_from_file_location("make_exercises", REPO / "tools" / "make_exercises.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_exercises = _load_make_exercises()
+
+
+@pytest.fixture(scope="module")
+def notebook() -> nbformat.NotebookNode:
+    return nbformat.read(CHAPTER, as_version=4)
+
+
+def _namespace(nb: nbformat.NotebookNode, transform=lambda source: source) -> dict:
+    """Run the chapter's import statements and its exercise cells (optionally transformed)."""
+    imports = [ast.unparse(node) for cell in nb.cells if cell.cell_type == "code"
+               for node in ast.parse(cell.source).body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    namespace: dict = {}
+    exec("\n".join(imports), namespace)
+    cells = [c.source for c in nb.cells if c.cell_type == "code" and make_exercises.BEGIN in c.source]
+    for i, source in enumerate(cells):
+        exec(compile(transform(source), f"<chapter 6 exercise cell {i}>", "exec"), namespace)
+    return namespace
+
+
+# ---------------------------------------------------------------- solutions and stubs
+
+
+@pytest.mark.parametrize("name", CHECKERS)
+def test_solution_passes(notebook, name, capsys):
+    CHECKERS[name](_namespace(notebook)[name])
+    out = capsys.readouterr().out
+    assert out.startswith("✓") and out.count("\n") == 1  # one short success line
+
+
+@pytest.mark.parametrize("name", CHECKERS)
+def test_stub_fails(notebook, name):
+    stubbed = _namespace(notebook, lambda s: make_exercises.stub_solutions(s, "Exercise 6.1: "))
+    with pytest.raises(ExerciseError, match="not implemented yet"):
+        CHECKERS[name](stubbed[name])
+
+
+def test_every_exercise_has_a_checker_and_a_check_cell(notebook):
+    sources = [c.source for c in notebook.cells]
+    assert sum(len(make_exercises.EXERCISE.findall(s)) for s in sources) == len(CHECKERS) >= 2
+    for name in CHECKERS:
+        i = next(k for k, s in enumerate(sources) if f"def {name}(" in s)
+        assert make_exercises.BEGIN in sources[i] and "# HINT:" in sources[i]
+        assert notebook.cells[i + 1].cell_type == "code" and f"({name})" in sources[i + 1]  # the check cell
+        assert "solution-start" in sources[i + 2]
+
+
+def test_learner_copy_has_no_solutions(notebook):
+    learner = make_exercises.learner_copy(notebook, "6")
+    text = "\n".join(c.source for c in learner.cells)
+    assert make_exercises.BEGIN not in text and "solution-start" not in text
+    assert text.count("raise NotImplementedError") == len(CHECKERS)
+    assert 'Exercise 6.1: ' in text and 'Exercise 6.2: ' in text
+
+
+# ---------------------------------------------------------------- typical wrong answers, exercise 1
+
+
+def _ratio(m, f):
+    return math.log(1 - f) / math.log(1 - m)
+
+
+def steps_floor(momentum, fraction):
+    return math.floor(_ratio(momentum, fraction))
+
+
+def steps_unrounded(momentum, fraction):
+    return _ratio(momentum, fraction)
+
+
+def steps_rounded(momentum, fraction):
+    return round(_ratio(momentum, fraction))
+
+
+def steps_window(momentum, fraction):
+    return round(1 / momentum)
+
+
+def steps_keras_convention(momentum, fraction):
+    return math.ceil(math.log(1 - fraction) / math.log(momentum))
+
+
+def steps_share_of_init(momentum, fraction):
+    return math.ceil(math.log(fraction) / math.log(1 - momentum))
+
+
+def steps_loop_one_too_many(momentum, fraction):
+    k, share = 0, 0.0
+    while share < fraction:
+        k += 1
+        share = 1 - (1 - momentum) ** k
+    return k + 1
+
+
+# ---------------------------------------------------------------- typical wrong answers, exercise 2
+
+
+def _batches(X, b=64):
+    return [torch.as_tensor(X[s : s + b]) for s in range(0, len(X), b)]
+
+
+def adabn_in_place(model, X_target):
+    torch_bn.recompute_stats(model, _batches(X_target), upstream="eval")
+    return model
+
+
+def adabn_upstream_train(model, X_target):
+    adapted = copy.deepcopy(model)
+    torch_bn.recompute_stats(adapted, _batches(X_target), upstream="train")
+    return adapted
+
+
+def adabn_running_average(model, X_target):
+    adapted = copy.deepcopy(model).train()  # momentum 0.1: keeps part of the old statistics
+    with torch.no_grad():
+        for X_b in _batches(X_target):
+            adapted(X_b)
+    return adapted.eval()
+
+
+def adabn_cumulative_one_pass(model, X_target):
+    adapted = copy.deepcopy(model).train()
+    for bn in torch_bn.bn_layers(adapted):
+        bn.momentum = None
+        bn.reset_running_stats()
+    with torch.no_grad():
+        adapted(torch.as_tensor(X_target))  # upstream layers use batch statistics
+    return adapted.eval()
+
+
+def adabn_biased_variance(model, X_target):
+    adapted = copy.deepcopy(model)
+    torch_bn.recompute_stats(adapted, _batches(X_target), upstream="eval")
+    for bn in torch_bn.bn_layers(adapted):
+        bn.running_var.mul_((len(X_target) - 1) / len(X_target))
+    return adapted
+
+
+def adabn_left_in_training_mode(model, X_target):
+    adapted = copy.deepcopy(model)
+    torch_bn.recompute_stats(adapted, _batches(X_target), upstream="eval")
+    return adapted.train()
+
+
+def adabn_nothing(model, X_target):
+    return copy.deepcopy(model)
+
+
+def adabn_returns_stats(model, X_target):
+    return torch_bn.recompute_stats(copy.deepcopy(model), _batches(X_target), upstream="eval")
+
+
+WRONG = [
+    (check_robustness.steps_needed, steps_floor, "you rounded down"),
+    (check_robustness.steps_needed, steps_unrounded, "a number of steps is a whole number"),
+    (check_robustness.steps_needed, steps_rounded, "rounded to the nearest whole number"),
+    (check_robustness.steps_needed, steps_window, "1 / momentum is the window"),
+    (check_robustness.steps_needed, steps_keras_convention, "you used momentum**k"),
+    (check_robustness.steps_needed, steps_share_of_init, "share of the initial value"),
+    (check_robustness.steps_needed, steps_loop_one_too_many, "one step too many"),
+    (check_robustness.adabn, adabn_in_place, "changed the model passed in"),
+    (check_robustness.adabn, adabn_upstream_train, "the first BN layer is right"),
+    (check_robustness.adabn, adabn_running_average, "moved only part of the way"),
+    (check_robustness.adabn, adabn_cumulative_one_pass, "BN layers before it in training mode"),
+    (check_robustness.adabn, adabn_biased_variance, "biased"),
+    (check_robustness.adabn, adabn_left_in_training_mode, "is in training mode"),
+    (check_robustness.adabn, adabn_nothing, "still holds its old statistics"),
+    (check_robustness.adabn, adabn_returns_stats, "returned dict"),
+]
+
+
+@pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[w.__name__ for _, w, _ in WRONG])
+def test_wrong_answer_named(checker, wrong, message):
+    with pytest.raises(ExerciseError, match=message.replace("(", r"\(").replace("*", r"\*")) as info:
+        checker(wrong)
+    assert "Traceback" not in str(info.value)
+
+
+def test_error_inside_learner_code_is_reported_not_raised():
+    def broken(model, X_target):
+        return model(X_target)  # a NumPy array where a tensor is needed
+
+    with pytest.raises(ExerciseError, match="your function raised TypeError"):
+        check_robustness.adabn(broken)
