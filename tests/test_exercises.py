@@ -6,8 +6,6 @@ typical wrong answers fail with the message that names the mistake.
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
 import re
 import subprocess
 import sys
@@ -21,19 +19,27 @@ from bnkit import check
 from bnkit import reference as ref
 from bnkit.check import Case, ExerciseError
 
-REPO = Path(__file__).resolve().parent.parent
+pytest.register_assert_rewrite("exercise_support")
+from exercise_support import (  # noqa: E402
+    MAKE_EXERCISES,
+    REPO,
+    assert_exercise_layout,
+    assert_one_success_line,
+    assert_only_the_checks_fail,
+    assert_stub_fails,
+    assert_two_diagnoses_each,
+    defined_functions,
+    diagnosis,
+    exercise_namespace,
+    exercise_prompts,
+    make_exercises,
+    read_notebook,
+    run_learner_copy,
+    solution_cells,
+    stub,
+)
+
 CHAPTER = REPO / "chapters" / "01_five_steps.ipynb"
-SCRIPT = REPO / "tools" / "make_exercises.py"
-
-
-def _load_make_exercises():
-    spec = importlib.util.spec_from_file_location("make_exercises", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_exercises = _load_make_exercises()
 
 # Every function a learner writes in a chapter, and the checker that grades it.
 CHECKERS = {
@@ -49,79 +55,41 @@ CHECKERS = {
 
 
 def _notebook() -> nbformat.NotebookNode:
-    return nbformat.read(CHAPTER, as_version=4)
-
-
-def _solution_cells(nb: nbformat.NotebookNode) -> list[str]:
-    return [c.source for c in nb.cells if c.cell_type == "code" and make_exercises.BEGIN in c.source]
-
-
-def _imports(nb: nbformat.NotebookNode) -> str:
-    """The import statements of the notebook's code cells, as the exercise cells see them."""
-    lines = []
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            for node in ast.parse(cell.source).body:
-                if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    lines.append(ast.unparse(node))
-    return "\n".join(lines)
-
-
-def _exercise_namespace(transform=lambda source: source) -> dict:
-    """Run the notebook's imports and its exercise cells (optionally transformed) in a fresh namespace."""
-    nb = _notebook()
-    namespace: dict = {}
-    exec(_imports(nb), namespace)
-    for i, source in enumerate(_solution_cells(nb)):
-        exec(compile(transform(source), f"<exercise cell {i}>", "exec"), namespace)
-    return namespace
+    return read_notebook(CHAPTER)
 
 
 @pytest.fixture(scope="module")
 def solutions() -> dict:
-    return _exercise_namespace()
+    return exercise_namespace(_notebook())
 
 
 @pytest.fixture(scope="module")
 def stubs() -> dict:
-    return _exercise_namespace(make_exercises.stub_solutions)
+    return exercise_namespace(_notebook(), stub())
 
 
 def test_every_exercise_function_has_a_checker_here():
     """A new exercise in the chapter must be added to CHECKERS (and so to these tests)."""
-    defined = set()
-    for source in _solution_cells(_notebook()):
-        defined |= {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
-    assert defined == set(CHECKERS)
+    assert defined_functions(_notebook()) == set(CHECKERS)
 
 
 def test_each_exercise_is_followed_by_its_check_and_a_hidden_solution():
     nb = _notebook()
-    exercises = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "```{exercise}" in c.source]
+    exercises = exercise_prompts(nb)
     assert len(exercises) >= 2
     for i in exercises:
-        label = re.search(r":label: (\S+)", nb.cells[i].source)[1]
-        solution, check_cell, explained = nb.cells[i + 1 : i + 4]
-        assert make_exercises.BEGIN in solution.source and "# HINT:" in solution.source
-        names = [n.name for n in ast.parse(solution.source).body if isinstance(n, ast.FunctionDef)]
-        for name in names:  # the check cell grades every function of the exercise
-            assert re.search(rf"check\.\w+\({name}\)", check_cell.source), name
-        assert f"```{{solution-start}} {label}" in explained.source and ":class: dropdown" in explained.source
-        assert "```{solution-end}" in explained.source
+        assert_exercise_layout(nb, i, "check")
 
 
 @pytest.mark.parametrize("name", sorted(CHECKERS))
 def test_solution_in_the_notebook_passes(name, solutions, capsys):
     assert CHECKERS[name](solutions[name]) is None
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("✓ ") and "correct" in lines[0]
+    assert_one_success_line(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKERS))
 def test_stub_fails_with_not_implemented(name, stubs):
-    with pytest.raises(ExerciseError, match="not implemented yet") as info:
-        CHECKERS[name](stubs[name])
-    assert name in str(info.value)  # the message names the function to fill in
+    assert_stub_fails(CHECKERS[name], stubs[name], name)
 
 
 # ---------------------------------------------------------------- typical wrong answers
@@ -161,16 +129,11 @@ WRONG = [
 
 @pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[f"{c.__name__}-{m[:30]}" for c, _, m in WRONG])
 def test_typical_wrong_answer_is_diagnosed(checker, wrong, message):
-    with pytest.raises(ExerciseError) as info:
-        checker(wrong)
-    assert message in str(info.value)
+    assert message in diagnosis(checker, wrong)
 
 
 def test_every_checked_step_has_two_diagnosed_mistakes():
-    counts = {}
-    for checker, _, _ in WRONG:
-        counts[checker] = counts.get(checker, 0) + 1
-    assert all(counts.get(c, 0) >= 2 for c in CHECKERS.values())
+    assert_two_diagnoses_each(WRONG, CHECKERS.values())
 
 
 def test_a_learners_exception_is_reported_without_bnkit_traceback():
@@ -276,7 +239,7 @@ def test_solutions_are_removed_from_markdown():
 
 
 def _run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=REPO)
+    return subprocess.run([sys.executable, str(MAKE_EXERCISES), *args], capture_output=True, text=True, cwd=REPO)
 
 
 def _book(tmp_path: Path, notebook: nbformat.NotebookNode) -> Path:
@@ -300,7 +263,7 @@ def test_learners_copy_has_stubs_and_no_solutions_or_outputs(tmp_path):
     assert "BEGIN SOLUTION" not in text and "END SOLUTION" not in text
     assert "solution-start" not in text and "solution-end" not in text
     solution_lines = set()  # every line written between the markers in the chapter
-    for source in _solution_cells(nb):
+    for source in solution_cells(nb):
         inside = False
         for line in source.splitlines():
             if make_exercises.BEGIN in line or make_exercises.END in line:
@@ -335,16 +298,7 @@ def test_script_fails_clearly_on_begin_without_end(tmp_path):
 
 def test_learners_copy_runs_and_only_the_checks_fail(tmp_path):
     """In the learners' copy every cell runs except the check cells, which say 'not implemented'."""
-    nbclient = pytest.importorskip("nbclient")
-    copy = make_exercises.learner_copy(_notebook(), "1")
-    client = nbclient.NotebookClient(
-        copy, timeout=300, kernel_name="python3", allow_errors=True,
-        resources={"metadata": {"path": str(CHAPTER.parent)}},
-    )
-    client.execute()
-    errors = {i: o for i, c in enumerate(copy.cells) if c.cell_type == "code" for o in c.outputs if o.output_type == "error"}
-    checks = [i for i, c in enumerate(copy.cells) if c.cell_type == "code" and "check." in c.source]
-    assert sorted(errors) == checks
+    copy = run_learner_copy(_notebook(), "1", CHAPTER.parent)
+    errors, _ = assert_only_the_checks_fail(copy, "check.")
     for output in errors.values():
-        assert output.ename == "ExerciseError" and "not implemented yet" in output.evalue
         assert output.traceback == [f"ExerciseError: {output.evalue}"]  # no traceback into bnkit

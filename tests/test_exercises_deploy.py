@@ -6,12 +6,6 @@ with the message that names the mistake.
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
-import re
-from pathlib import Path
-
-import nbformat
 import numpy as np
 import pytest
 
@@ -19,22 +13,26 @@ from bnkit import check_deploy
 from bnkit import reference as ref
 from bnkit.check import ExerciseError
 
-REPO = Path(__file__).resolve().parent.parent
+pytest.register_assert_rewrite("exercise_support")
+from exercise_support import (  # noqa: E402
+    REPO,
+    assert_exercise_layout,
+    assert_one_success_line,
+    assert_only_the_checks_fail,
+    assert_stub_fails,
+    defined_functions,
+    diagnosis,
+    exercise_namespace,
+    exercise_prompts,
+    read_notebook,
+    run_learner_copy,
+    stub,
+)
+
 CHAPTERS = {
     "07": REPO / "chapters" / "07_backprop.ipynb",
     "08": REPO / "chapters" / "08_folding.ipynb",
 }
-SCRIPT = REPO / "tools" / "make_exercises.py"
-
-
-def _load_make_exercises():
-    spec = importlib.util.spec_from_file_location("make_exercises", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_exercises = _load_make_exercises()
 
 # Every function a learner writes in these chapters: (chapter, checker).
 CHECKERS = {
@@ -48,32 +46,13 @@ CHECKERS = {
 # ---------------------------------------------------------------- the notebooks' exercise cells
 
 
-def _notebook(chapter: str) -> nbformat.NotebookNode:
-    return nbformat.read(CHAPTERS[chapter], as_version=4)
+def _notebook(chapter: str):
+    return read_notebook(CHAPTERS[chapter])
 
 
-def _solution_cells(nb: nbformat.NotebookNode) -> list[str]:
-    return [c.source for c in nb.cells if c.cell_type == "code" and make_exercises.BEGIN in c.source]
-
-
-def _imports(nb: nbformat.NotebookNode) -> str:
-    lines = []
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            for node in ast.parse(cell.source).body:
-                if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    lines.append(ast.unparse(node))
-    return "\n".join(lines)
-
-
-def _exercise_namespace(chapter: str, transform=lambda source: source) -> dict:
+def _exercise_namespace(chapter: str, transform=None) -> dict:
     """Run a chapter's imports and its exercise cells (optionally transformed) in a fresh namespace."""
-    nb = _notebook(chapter)
-    namespace: dict = {}
-    exec(_imports(nb), namespace)
-    for i, source in enumerate(_solution_cells(nb)):
-        exec(compile(transform(source), f"<chapter {chapter} exercise cell {i}>", "exec"), namespace)
-    return namespace
+    return exercise_namespace(_notebook(chapter), transform, label=f"chapter {chapter}")
 
 
 @pytest.fixture(scope="module")
@@ -83,48 +62,35 @@ def solutions() -> dict:
 
 @pytest.fixture(scope="module")
 def stubs() -> dict:
-    return {chapter: _exercise_namespace(chapter, make_exercises.stub_solutions) for chapter in CHAPTERS}
+    return {chapter: _exercise_namespace(chapter, stub()) for chapter in CHAPTERS}
 
 
 @pytest.mark.parametrize("chapter", sorted(CHAPTERS))
 def test_every_exercise_function_has_a_checker_here(chapter):
-    defined = set()
-    for source in _solution_cells(_notebook(chapter)):
-        defined |= {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
+    defined = defined_functions(_notebook(chapter))
     assert defined == {name for name, (ch, _) in CHECKERS.items() if ch == chapter}
 
 
 @pytest.mark.parametrize("chapter", sorted(CHAPTERS))
 def test_each_exercise_is_followed_by_its_check_and_a_hidden_solution(chapter):
     nb = _notebook(chapter)
-    exercises = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "```{exercise}" in c.source]
+    exercises = exercise_prompts(nb)
     assert len(exercises) >= 2
     for i in exercises:
-        label = re.search(r":label: (\S+)", nb.cells[i].source)[1]
-        solution, check_cell, explained = nb.cells[i + 1 : i + 4]
-        assert make_exercises.BEGIN in solution.source and "# HINT:" in solution.source
-        assert "hide-input" in solution.metadata.get("tags", [])
-        names = [n.name for n in ast.parse(solution.source).body if isinstance(n, ast.FunctionDef)]
-        for name in names:
-            assert re.search(rf"check_deploy\.\w+\({name}\)", check_cell.source.splitlines()[0]), name
-        assert f"```{{solution-start}} {label}" in explained.source and ":class: dropdown" in explained.source
-        assert "```{solution-end}" in explained.source
+        assert_exercise_layout(nb, i, "check_deploy", first_line_only=True, hide_input=True)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKERS))
 def test_solution_in_the_notebook_passes(name, solutions, capsys):
     chapter, checker = CHECKERS[name]
     assert checker(solutions[chapter][name]) is None
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("✓ ")
+    assert_one_success_line(capsys.readouterr().out, says_correct=False)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKERS))
 def test_stub_fails_with_not_implemented(name, stubs):
     chapter, checker = CHECKERS[name]
-    with pytest.raises(ExerciseError, match="not implemented yet") as info:
-        checker(stubs[chapter][name])
-    assert name in str(info.value)
+    assert_stub_fails(checker, stubs[chapter][name], name)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKERS))
@@ -186,9 +152,7 @@ WRONG_BACKWARD = [
 
 @pytest.mark.parametrize("wrong, message", WRONG_BACKWARD, ids=[m[:30] for _, m in WRONG_BACKWARD])
 def test_typical_wrong_backward_is_diagnosed(wrong, message):
-    with pytest.raises(ExerciseError) as info:
-        check_deploy.backward(wrong)
-    assert message in str(info.value)
+    assert message in diagnosis(check_deploy.backward, wrong)
 
 
 def test_a_wrong_dz_that_does_not_sum_to_zero_gets_a_note():
@@ -260,9 +224,7 @@ WRONG_DIRECTIONAL = [
 
 @pytest.mark.parametrize("wrong, message", WRONG_DIRECTIONAL, ids=[m[:30] for _, m in WRONG_DIRECTIONAL])
 def test_typical_wrong_directional_check_is_diagnosed(wrong, message):
-    with pytest.raises(ExerciseError) as info:
-        check_deploy.directional_error(wrong)
-    assert message in str(info.value)
+    assert message in diagnosis(check_deploy.directional_error, wrong)
 
 
 def test_directional_check_with_absolute_error_is_caught():
@@ -308,9 +270,7 @@ WRONG_FOLD = [
 @pytest.mark.parametrize("checker, wrong, message", WRONG_FOLD,
                          ids=[f"{c.__name__}-{m[:30]}" for c, _, m in WRONG_FOLD])
 def test_typical_wrong_fold_is_diagnosed(checker, wrong, message):
-    with pytest.raises(ExerciseError) as info:
-        checker(wrong)
-    assert message in str(info.value)
+    assert message in diagnosis(checker, wrong)
 
 
 def test_every_checker_has_at_least_two_diagnosed_mistakes():
@@ -352,15 +312,5 @@ def test_fold_reference_agrees_with_torch_fold_bn():
 @pytest.mark.parametrize("chapter", sorted(CHAPTERS))
 def test_learners_copy_runs_and_only_the_checks_fail(chapter):
     """In the learners' copy every cell runs except the check cells, which say 'not implemented'."""
-    nbclient = pytest.importorskip("nbclient")
-    copy = make_exercises.learner_copy(_notebook(chapter), str(int(chapter)))
-    client = nbclient.NotebookClient(
-        copy, timeout=300, kernel_name="python3", allow_errors=True,
-        resources={"metadata": {"path": str(CHAPTERS[chapter].parent)}},
-    )
-    client.execute()
-    errors = {i: o for i, c in enumerate(copy.cells) if c.cell_type == "code" for o in c.outputs if o.output_type == "error"}
-    checks = [i for i, c in enumerate(copy.cells) if c.cell_type == "code" and "check_deploy." in c.source]
-    assert sorted(errors) == checks
-    for output in errors.values():
-        assert output.ename == "ExerciseError" and "not implemented yet" in output.evalue
+    copy = run_learner_copy(_notebook(chapter), str(int(chapter)), CHAPTERS[chapter].parent)
+    assert_only_the_checks_fail(copy, "check_deploy.")

@@ -6,12 +6,6 @@ with the message that names the mistake.
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
-import re
-from pathlib import Path
-
-import nbformat
 import numpy as np
 import pytest
 import torch
@@ -20,7 +14,21 @@ from bnkit import check_distributed
 from bnkit.check import ExerciseError
 from bnkit.running import BatchStats
 
-REPO = Path(__file__).resolve().parent.parent
+pytest.register_assert_rewrite("exercise_support")
+from exercise_support import (  # noqa: E402
+    REPO,
+    assert_exercise_layout,
+    assert_one_success_line,
+    assert_stub_fails,
+    assert_two_diagnoses_each,
+    diagnosis,
+    exercise_namespace,
+    exercise_prompts,
+    learner_copy_text,
+    read_notebook,
+    stub,
+)
+
 CHAPTER = REPO / "chapters" / "09_distributed.ipynb"
 
 # every function a learner writes in the chapter, and its checker, in the order of the exercises
@@ -30,50 +38,18 @@ CHECKERS = {
 }
 
 
-def _load_make_exercises():
-    spec = importlib.util.spec_from_file_location("make_exercises", REPO / "tools" / "make_exercises.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_exercises = _load_make_exercises()
-
-
-def _notebook() -> nbformat.NotebookNode:
-    return nbformat.read(CHAPTER, as_version=4)
-
-
-def _imports(nb: nbformat.NotebookNode) -> str:
-    """The notebook's import statements, as its exercise cells see them."""
-    lines = []
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            for node in ast.parse(cell.source).body:
-                if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    lines.append(ast.unparse(node))
-    return "\n".join(lines)
-
-
-def _namespace(transform=lambda source: source) -> dict:
-    """Run the chapter's imports and its exercise cells (optionally transformed)."""
-    nb = _notebook()
-    namespace: dict = {}
-    exec(_imports(nb), namespace)
-    cells = [c.source for c in nb.cells if c.cell_type == "code" and make_exercises.BEGIN in c.source]
-    for i, source in enumerate(cells):
-        exec(compile(transform(source), f"<09_distributed exercise cell {i}>", "exec"), namespace)
-    return namespace
+def _notebook():
+    return read_notebook(CHAPTER)
 
 
 @pytest.fixture(scope="module")
 def solutions() -> dict:
-    return _namespace()
+    return exercise_namespace(_notebook(), label="09_distributed")
 
 
 @pytest.fixture(scope="module")
 def stubs() -> dict:
-    return _namespace(lambda s: make_exercises.stub_solutions(s, "Exercise 9.1: "))
+    return exercise_namespace(_notebook(), stub("Exercise 9.1: "), label="09_distributed")
 
 
 # ---------------------------------------------------------------- solutions, stubs, structure
@@ -82,36 +58,24 @@ def stubs() -> dict:
 @pytest.mark.parametrize("name", CHECKERS)
 def test_solution_in_the_notebook_passes(name, solutions, capsys):
     assert CHECKERS[name](solutions[name]) is None
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("✓ ") and "correct" in lines[0]
+    assert_one_success_line(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("name", CHECKERS)
 def test_stub_fails_with_not_implemented(name, stubs):
-    with pytest.raises(ExerciseError, match="not implemented yet") as info:
-        CHECKERS[name](stubs[name])
-    assert name in str(info.value)  # names the function to fill in
+    assert_stub_fails(CHECKERS[name], stubs[name], name)  # names the function to fill in
 
 
 def test_every_exercise_has_a_checker_a_check_cell_and_a_hidden_solution():
     nb = _notebook()
-    sources = [c.source for c in nb.cells]
-    exercises = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "```{exercise}" in c.source]
+    exercises = exercise_prompts(nb)
     assert len(exercises) == len(CHECKERS) >= 2
     for i, name in zip(exercises, CHECKERS):
-        label = re.search(r":label: (\S+)", sources[i])[1]
-        solution, check_cell, explained = nb.cells[i + 1 : i + 4]
-        assert f"def {name}(" in solution.source
-        assert make_exercises.BEGIN in solution.source and "# HINT:" in solution.source
-        assert re.search(rf"check_distributed\.\w+\({name}\)", check_cell.source)
-        assert f"```{{solution-start}} {label}" in explained.source and ":class: dropdown" in explained.source
-        assert "```{solution-end}" in explained.source
+        assert_exercise_layout(nb, i, "check_distributed", name)
 
 
 def test_learner_copy_has_no_solutions():
-    learner = make_exercises.learner_copy(_notebook(), "9")
-    text = "\n".join(c.source for c in learner.cells)
-    assert make_exercises.BEGIN not in text and "solution-start" not in text
+    text = learner_copy_text(_notebook(), "9")
     assert text.count("raise NotImplementedError") == len(CHECKERS)
 
 
@@ -223,9 +187,7 @@ WRONG = [
 
 @pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[f"{c.__name__}-{m[:30]}" for c, _, m in WRONG])
 def test_typical_wrong_answer_is_diagnosed(checker, wrong, message):
-    with pytest.raises(ExerciseError) as info:
-        checker(wrong)
-    text = str(info.value)
+    text = diagnosis(checker, wrong)
     if message.endswith(": wrong values"):  # the cancellation: no variant matches, the case's hint explains
         where = message.split(":")[0]
         assert "wrong values" in text and where in text and "raw sums of squares" in text
@@ -234,8 +196,7 @@ def test_typical_wrong_answer_is_diagnosed(checker, wrong, message):
 
 
 def test_every_exercise_has_two_diagnosed_mistakes():
-    counts = {checker: sum(c is checker for c, _, _ in WRONG) for checker in CHECKERS.values()}
-    assert all(n >= 2 for n in counts.values())
+    assert_two_diagnoses_each(WRONG, CHECKERS.values())
 
 
 def test_merge_accepts_tensors_and_a_learner_that_modifies_its_inputs(capsys):

@@ -6,12 +6,9 @@ with the message that names the mistake.
 """
 from __future__ import annotations
 
-import ast
 import copy
-import importlib.util
-from pathlib import Path
+import re
 
-import nbformat
 import numpy as np
 import pytest
 import torch
@@ -19,7 +16,18 @@ import torch
 from bnkit import check_ewa
 from bnkit.check import ExerciseError
 
-REPO = Path(__file__).resolve().parent.parent
+pytest.register_assert_rewrite("exercise_support")
+from exercise_support import (  # noqa: E402
+    REPO,
+    assert_check_cell_follows_each_solution,
+    assert_stub_fails,
+    diagnosis,
+    exercise_namespace,
+    learner_copy_text,
+    read_notebook,
+    stub,
+)
+
 CHAPTERS = {
     "02_test_time_problem": REPO / "chapters" / "02_test_time_problem.ipynb",
     "03_ewa": REPO / "chapters" / "03_ewa.ipynb",
@@ -40,40 +48,9 @@ CHECKERS = {
 EXERCISES = [(chapter, name) for chapter, names in CHECKERS.items() for name in names]
 
 
-def _load_make_exercises():
-    spec = importlib.util.spec_from_file_location("make_exercises", REPO / "tools" / "make_exercises.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_exercises = _load_make_exercises()
-
-
-def _notebook(chapter: str) -> nbformat.NotebookNode:
-    return nbformat.read(CHAPTERS[chapter], as_version=4)
-
-
-def _imports(nb: nbformat.NotebookNode) -> str:
-    """The notebook's import statements, as its exercise cells see them."""
-    lines = []
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            for node in ast.parse(cell.source).body:
-                if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    lines.append(ast.unparse(node))
-    return "\n".join(lines)
-
-
-def _namespace(chapter: str, transform=lambda source: source) -> dict:
+def _namespace(chapter: str, transform=None) -> dict:
     """Run the chapter's imports and its exercise cells (optionally transformed)."""
-    nb = _notebook(chapter)
-    namespace: dict = {}
-    exec(_imports(nb), namespace)
-    cells = [c.source for c in nb.cells if c.cell_type == "code" and make_exercises.BEGIN in c.source]
-    for i, source in enumerate(cells):
-        exec(compile(transform(source), f"<{chapter} exercise cell {i}>", "exec"), namespace)
-    return namespace
+    return exercise_namespace(read_notebook(CHAPTERS[chapter]), transform, label=chapter)
 
 
 @pytest.fixture(scope="module", params=list(CHAPTERS))
@@ -93,27 +70,16 @@ def test_solution_passes(chapter_name, name, capsys):
 
 @pytest.mark.parametrize("chapter_name, name", EXERCISES)
 def test_stub_fails(chapter_name, name):
-    stubbed = _namespace(chapter_name, lambda s: make_exercises.stub_solutions(s, "Exercise: "))
-    with pytest.raises(ExerciseError, match="not implemented yet"):
-        CHECKERS[chapter_name][name](stubbed[name])
+    stubbed = _namespace(chapter_name, stub("Exercise: "))
+    assert_stub_fails(CHECKERS[chapter_name][name], stubbed[name])
 
 
 def test_every_exercise_has_a_checker_and_a_check_cell(chapter):
-    nb = _notebook(chapter)
-    sources = [c.source for c in nb.cells]
-    n_exercises = sum(len(make_exercises.EXERCISE.findall(s)) for s in sources if s)
-    assert n_exercises == len(CHECKERS[chapter]) >= 2
-    for name in CHECKERS[chapter]:
-        i = next(k for k, s in enumerate(sources) if f"def {name}(" in s)
-        assert make_exercises.BEGIN in sources[i] and "# HINT:" in sources[i]
-        assert nb.cells[i + 1].cell_type == "code" and f"({name})" in sources[i + 1]  # the check cell
-        assert "solution-start" in sources[i + 2]
+    assert_check_cell_follows_each_solution(read_notebook(CHAPTERS[chapter]), CHECKERS[chapter])
 
 
 def test_learner_copy_has_no_solutions(chapter):
-    learner = make_exercises.learner_copy(_notebook(chapter), chapter[:2].lstrip("0"))
-    text = "\n".join(c.source for c in learner.cells)
-    assert make_exercises.BEGIN not in text and "solution-start" not in text
+    text = learner_copy_text(read_notebook(CHAPTERS[chapter]), chapter[:2].lstrip("0"))
     assert text.count("raise NotImplementedError") == len(CHECKERS[chapter])
 
 
@@ -241,9 +207,9 @@ WRONG = [
 
 @pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[w.__name__ for _, w, _ in WRONG])
 def test_wrong_answer_named(checker, wrong, message):
-    with pytest.raises(ExerciseError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
-        checker(wrong)
-    assert "Traceback" not in str(info.value)
+    text = diagnosis(checker, wrong)
+    assert re.search(message.replace("(", r"\(").replace(")", r"\)"), text)
+    assert "Traceback" not in text
 
 
 def test_error_inside_learner_code_is_reported_not_raised():

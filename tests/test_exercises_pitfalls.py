@@ -6,12 +6,8 @@ with the message that names the mistake.
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
 import re
-from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
 from torch import nn
@@ -20,7 +16,24 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnkit import check_pitfalls
 from bnkit.check import ExerciseError
 
-REPO = Path(__file__).resolve().parent.parent
+pytest.register_assert_rewrite("exercise_support")
+from exercise_support import (  # noqa: E402
+    REPO,
+    assert_exercise_layout,
+    assert_one_success_line,
+    assert_only_the_checks_fail,
+    assert_stub_fails,
+    assert_two_diagnoses_each,
+    diagnosis,
+    exercise_namespace,
+    exercise_prompts,
+    learner_copy_text,
+    make_exercises,
+    read_notebook,
+    run_learner_copy,
+    stub,
+)
+
 CHAPTER = REPO / "chapters" / "10_pitfalls.ipynb"
 
 # function a learner writes -> its checker, in the order of the exercises
@@ -30,33 +43,13 @@ CHECKERS = {
 }
 
 
-def _load_make_exercises():
-    spec = importlib.util.spec_from_file_location("make_exercises", REPO / "tools" / "make_exercises.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _notebook():
+    return read_notebook(CHAPTER)
 
 
-make_exercises = _load_make_exercises()
-
-
-def _notebook() -> nbformat.NotebookNode:
-    return nbformat.read(CHAPTER, as_version=4)
-
-
-def _namespace(transform=lambda source: source) -> dict:
+def _namespace(transform=None) -> dict:
     """Run the chapter's imports and its exercise cells (optionally transformed)."""
-    nb = _notebook()
-    imports = []
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            imports += [ast.unparse(n) for n in ast.parse(cell.source).body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    namespace: dict = {}
-    exec("\n".join(imports), namespace)
-    cells = [c.source for c in nb.cells if c.cell_type == "code" and make_exercises.BEGIN in c.source]
-    for i, source in enumerate(cells):
-        exec(compile(transform(source), f"<10_pitfalls exercise cell {i}>", "exec"), namespace)
-    return namespace
+    return exercise_namespace(_notebook(), transform, label="10_pitfalls")
 
 
 # ---------------------------------------------------------------- the notebook's exercises
@@ -65,38 +58,26 @@ def _namespace(transform=lambda source: source) -> dict:
 @pytest.mark.parametrize("name", CHECKERS)
 def test_solution_passes(name, capsys):
     assert CHECKERS[name](_namespace()[name]) is None
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("✓ ") and "correct" in lines[0]
+    assert_one_success_line(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("name", CHECKERS)
 def test_stub_fails(name):
-    stubbed = _namespace(lambda s: make_exercises.stub_solutions(s, "Exercise 10.1: "))
-    with pytest.raises(ExerciseError, match="not implemented yet") as info:
-        CHECKERS[name](stubbed[name])
-    assert name in str(info.value)
+    stubbed = _namespace(stub("Exercise 10.1: "))
+    assert_stub_fails(CHECKERS[name], stubbed[name], name)
 
 
 def test_each_exercise_has_its_check_cell_and_a_hidden_solution():
     nb = _notebook()
-    sources = [c.source for c in nb.cells]
-    exercises = [i for i, s in enumerate(sources) if make_exercises.EXERCISE.search(s)]
+    exercises = exercise_prompts(nb, make_exercises.EXERCISE)
     assert len(exercises) == len(CHECKERS) >= 2
     for i, name in zip(exercises, CHECKERS):
-        label = re.search(r":label: (\S+)", sources[i])[1]
+        label = assert_exercise_layout(nb, i, "check_pitfalls", name)
         assert label.startswith("ex-pit-")
-        solution, check_cell, explained = nb.cells[i + 1 : i + 4]
-        assert f"def {name}(" in solution.source
-        assert make_exercises.BEGIN in solution.source and "# HINT:" in solution.source
-        assert re.search(rf"check_pitfalls\.\w+\({name}\)", check_cell.source)
-        assert f"```{{solution-start}} {label}" in explained.source and ":class: dropdown" in explained.source
-        assert "```{solution-end}" in explained.source
 
 
 def test_learner_copy_has_no_solutions():
-    learner = make_exercises.learner_copy(_notebook(), "10")
-    text = "\n".join(c.source for c in learner.cells)
-    assert make_exercises.BEGIN not in text and "solution-start" not in text
+    text = learner_copy_text(_notebook(), "10")
     assert re.findall(r'NotImplementedError\("Exercise (10\.\d)', text) == ["10.1", "10.2"]
 
 
@@ -189,21 +170,17 @@ WRONG = [
 
 @pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[w.__name__ for _, w, _ in WRONG])
 def test_wrong_answer_named(checker, wrong, message):
-    with pytest.raises(ExerciseError) as info:
-        checker(wrong)
-    assert message in str(info.value)
-    assert "Traceback" not in str(info.value)
+    text = diagnosis(checker, wrong)
+    assert message in text
+    assert "Traceback" not in text
 
 
 def test_every_exercise_has_at_least_two_diagnosed_mistakes():
-    counts = {checker: sum(c is checker for c, _, _ in WRONG) for checker in CHECKERS.values()}
-    assert all(n >= 2 for n in counts.values())
+    assert_two_diagnoses_each(WRONG, CHECKERS.values())
 
 
 def test_float32_cancellation_message_names_dtype_offset_and_error():
-    with pytest.raises(ExerciseError) as info:
-        check_pitfalls.stable_variance(variance_one_pass)
-    message = str(info.value)
+    message = diagnosis(check_pitfalls.stable_variance, variance_one_pass)
     assert "float32" in message and "near 1e4" in message and "relative error" in message
 
 
@@ -234,15 +211,6 @@ def test_errors_in_learner_code_are_reported():
 
 def test_learners_copy_runs_and_only_the_checks_fail():
     """In the learners' copy every cell runs except the check cells, which say 'not implemented'."""
-    nbclient = pytest.importorskip("nbclient")
-    learner = make_exercises.learner_copy(_notebook(), "10")
-    client = nbclient.NotebookClient(
-        learner, timeout=300, kernel_name="python3", allow_errors=True,
-        resources={"metadata": {"path": str(CHAPTER.parent)}},
-    )
-    client.execute()
-    errors = {i: o for i, c in enumerate(learner.cells) if c.cell_type == "code" for o in c.outputs if o.output_type == "error"}
-    checks = [i for i, c in enumerate(learner.cells) if c.cell_type == "code" and "check_pitfalls." in c.source]
-    assert sorted(errors) == checks and len(checks) == len(CHECKERS)
-    for output in errors.values():
-        assert output.ename == "ExerciseError" and "not implemented yet" in output.evalue
+    learner = run_learner_copy(_notebook(), "10", CHAPTER.parent)
+    _, checks = assert_only_the_checks_fail(learner, "check_pitfalls.")
+    assert len(checks) == len(CHECKERS)

@@ -6,12 +6,8 @@ with the message that names the mistake. Also tests bnkit.recording, which chapt
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
 import re
-from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
 import torch
@@ -21,7 +17,22 @@ from bnkit.check import ExerciseError
 from bnkit.nets import mlp
 from bnkit.recording import BatchStatsRecorder
 
-REPO = Path(__file__).resolve().parent.parent
+pytest.register_assert_rewrite("exercise_support")
+from exercise_support import (  # noqa: E402
+    REPO,
+    assert_exercise_layout,
+    assert_one_success_line,
+    assert_stub_fails,
+    assert_two_diagnoses_each,
+    defined_functions,
+    diagnosis,
+    exercise_namespace,
+    exercise_prompts,
+    learner_copy_text,
+    read_notebook,
+    stub,
+)
+
 CHAPTERS = {
     "04_running_estimates": REPO / "chapters" / "04_running_estimates.ipynb",
     "05_population_stats": REPO / "chapters" / "05_population_stats.ipynb",
@@ -41,43 +52,13 @@ CHECKERS = {
 EXERCISES = [(chapter, name) for chapter, names in CHECKERS.items() for name in names]
 
 
-def _load_make_exercises():
-    spec = importlib.util.spec_from_file_location("make_exercises", REPO / "tools" / "make_exercises.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _notebook(chapter: str):
+    return read_notebook(CHAPTERS[chapter])
 
 
-make_exercises = _load_make_exercises()
-
-
-def _notebook(chapter: str) -> nbformat.NotebookNode:
-    return nbformat.read(CHAPTERS[chapter], as_version=4)
-
-
-def _imports(nb: nbformat.NotebookNode) -> str:
-    """The notebook's import statements, as its exercise cells see them."""
-    lines = []
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            for node in ast.parse(cell.source).body:
-                if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    lines.append(ast.unparse(node))
-    return "\n".join(lines)
-
-
-def _solution_cells(nb: nbformat.NotebookNode) -> list[str]:
-    return [c.source for c in nb.cells if c.cell_type == "code" and make_exercises.BEGIN in c.source]
-
-
-def _namespace(chapter: str, transform=lambda source: source) -> dict:
+def _namespace(chapter: str, transform=None) -> dict:
     """Run the chapter's imports and its exercise cells (optionally transformed)."""
-    nb = _notebook(chapter)
-    namespace: dict = {}
-    exec(_imports(nb), namespace)
-    for i, source in enumerate(_solution_cells(nb)):
-        exec(compile(transform(source), f"<{chapter} exercise cell {i}>", "exec"), namespace)
-    return namespace
+    return exercise_namespace(_notebook(chapter), transform, label=chapter)
 
 
 @pytest.fixture(scope="module", params=list(CHAPTERS))
@@ -92,45 +73,29 @@ def chapter(request) -> str:
 def test_solution_passes(chapter_name, name, capsys):
     fn = _namespace(chapter_name)[name]
     assert CHECKERS[chapter_name][name](fn) is None
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("✓ ") and "correct" in lines[0]
+    assert_one_success_line(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("chapter_name, name", EXERCISES)
 def test_stub_fails_with_not_implemented(chapter_name, name):
     chapter_number = chapter_name[:2].lstrip("0")
-    stubbed = _namespace(chapter_name, lambda s: make_exercises.stub_solutions(s, f"Exercise {chapter_number}.1: "))
-    with pytest.raises(ExerciseError, match="not implemented yet") as info:
-        CHECKERS[chapter_name][name](stubbed[name])
-    assert name in str(info.value)  # the message names the function to fill in
-    assert info.value.__cause__ is None and info.value.__suppress_context__  # no traceback into bnkit
+    stubbed = _namespace(chapter_name, stub(f"Exercise {chapter_number}.1: "))
+    error = assert_stub_fails(CHECKERS[chapter_name][name], stubbed[name], name)
+    assert error.__cause__ is None and error.__suppress_context__  # no traceback into bnkit
 
 
 def test_every_exercise_has_a_checker_a_check_cell_and_a_hidden_solution(chapter):
     nb = _notebook(chapter)
-    sources = [c.source for c in nb.cells]
-    defined = set()
-    for source in _solution_cells(nb):
-        defined |= {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
-    assert defined == set(CHECKERS[chapter])
-    exercises = [i for i, s in enumerate(sources) if nb.cells[i].cell_type == "markdown" and "```{exercise}" in s]
+    assert defined_functions(nb) == set(CHECKERS[chapter])
+    exercises = exercise_prompts(nb)
     assert len(exercises) == len(CHECKERS[chapter]) >= 2
     for i, name in zip(exercises, CHECKERS[chapter]):
-        label = re.search(r":label: (\S+)", sources[i])[1]
-        solution, check_cell, explained = nb.cells[i + 1 : i + 4]
-        assert f"def {name}(" in solution.source
-        assert make_exercises.BEGIN in solution.source and "# HINT:" in solution.source
-        assert re.search(rf"check_population\.\w+\({name}\)", check_cell.source)
-        assert f"```{{solution-start}} {label}" in explained.source and ":class: dropdown" in explained.source
-        assert "```{solution-end}" in explained.source
+        assert_exercise_layout(nb, i, "check_population", name)
 
 
 def test_learner_copy_has_no_solutions(chapter):
-    nb = _notebook(chapter)
     number = chapter[:2].lstrip("0")
-    learner = make_exercises.learner_copy(nb, number)
-    text = "\n".join(c.source for c in learner.cells)
-    assert make_exercises.BEGIN not in text and "solution-start" not in text
+    text = learner_copy_text(_notebook(chapter), number)
     stubs = re.findall(rf'raise NotImplementedError\("Exercise {number}\.(\d): ', text)
     assert sorted(stubs) == [str(k) for k in range(1, len(CHECKERS[chapter]) + 1)]
 
@@ -216,16 +181,11 @@ WRONG = [
 
 @pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[f"{c.__name__}-{m[:30]}" for c, _, m in WRONG])
 def test_typical_wrong_answer_is_diagnosed(checker, wrong, message):
-    with pytest.raises(ExerciseError) as info:
-        checker(wrong)
-    assert message in str(info.value)
+    assert message in diagnosis(checker, wrong)
 
 
 def test_every_checker_has_at_least_two_diagnosed_mistakes():
-    counts: dict = {}
-    for checker, _, _ in WRONG:
-        counts[checker] = counts.get(checker, 0) + 1
-    assert all(counts.get(c, 0) >= 2 for names in CHECKERS.values() for c in names.values())
+    assert_two_diagnoses_each(WRONG, [c for names in CHECKERS.values() for c in names.values()])
 
 
 def test_the_right_answers_in_other_forms_pass(capsys):
