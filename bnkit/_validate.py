@@ -55,20 +55,22 @@ def all_finite(x) -> bool:
     return bool(np.isfinite(x).all())
 
 
-def check_training_batch(z) -> int:
-    """A training batch: (m, n) or (m, C, H, W), more than one value per feature, all finite.
-
-    Returns the number of values each feature's statistics are taken over.
-    """
+def check_batch_size(z) -> int:
+    """A training batch has more than one value per feature; returns how many it has (m or m*H*W)."""
     count = values_per_feature(tuple(z.shape))
     if count < 2:
         raise ValueError(
             f"a training batch needs more than one value per feature/channel, got z of shape "
             f"{tuple(z.shape)}: with one value, mu = z and var = 0, so every output would be beta"
         )
-    if not all_finite(z):
-        raise ValueError("the training batch z contains NaN or infinite values")
     return count
+
+
+def check_finite_batch(mu) -> None:
+    """A NaN or inf anywhere in a feature of the batch makes its mean mu NaN or inf: one cheap check
+    of mu instead of a pass over z (a sum that overflows is refused too)."""
+    if not all_finite(mu):
+        raise ValueError("the training batch z contains NaN or infinite values (or values whose sum overflows)")
 
 
 def check_momentum(momentum, allow_none: bool = True) -> None:

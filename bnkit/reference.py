@@ -21,7 +21,8 @@ import numpy as np
 from bnkit._validate import (
     check_eps,
     check_feature_vector,
-    check_training_batch,
+    check_batch_size,
+    check_finite_batch,
     stat_axes,
     values_per_feature,
 )
@@ -34,16 +35,35 @@ def _per_feature(v: Array, ndim: int) -> Array:
     return v.reshape((1, -1) + (1,) * (ndim - 2))  # (1, n) or (1, C, 1, 1)
 
 
+def _mean_in_float64(z: Array, axes: tuple[int, ...]) -> Array:
+    """The mean over ``axes`` summed in float64 (no float64 copy of z), returned in z's dtype."""
+    if isinstance(z, np.ndarray):
+        return z.mean(axis=axes, dtype=np.float64).astype(z.dtype)
+    import torch  # z is a tensor, so torch is loaded already
+
+    return z.mean(dim=axes, dtype=torch.float64).to(z.dtype)
+
+
+def _sum_of_products(a: Array, b: Array) -> Array:
+    """sum(a * b) per feature, shape (n,) or (C,), for a and b of the shape of z.
+
+    NumPy's einsum adds each product as it makes it (no temporary array the size of z);
+    tensors use a * b, which autograd differentiates.
+    """
+    if isinstance(a, np.ndarray):
+        return np.einsum("ij,ij->j" if a.ndim == 2 else "ijkl,ijkl->j", a, b)
+    return (a * b).sum(axis=stat_axes(a.ndim))
+
+
 # ---------------------------------------------------------------- the five steps
 
 
 def batch_mean(z: Array) -> Array:
     """Step 1: mu, shape (n,) or (C,), the mean of each feature over the batch."""
     axes = stat_axes(z.ndim)
-    mu = z.mean(axis=axes)
-    if z.itemsize < 8:  # float32: a running sum of values far from 0 loses the digits of their spread,
-        mu = mu + (z - _per_feature(mu, z.ndim)).mean(axis=axes)  # so one correction pass (exact differences)
-    return mu
+    if z.itemsize < 8:  # float32: a float32 running sum of values far from 0 loses the digits of
+        return _mean_in_float64(z, axes)  # their spread, so the sum runs in float64 (same single pass)
+    return z.mean(axis=axes)
 
 
 def center(z: Array, mu: Array) -> Array:
@@ -53,12 +73,19 @@ def center(z: Array, mu: Array) -> Array:
 
 def batch_variance(z_new: Array) -> Array:
     """Step 3: var, shape (n,) or (C,), the biased (1/m) variance of the centred batch."""
-    return (z_new * z_new).mean(axis=stat_axes(z_new.ndim))
+    return _sum_of_products(z_new, z_new) / values_per_feature(z_new.shape)
 
 
-def normalize(z_new: Array, var: Array, eps: float) -> Array:
-    """Step 4: z_norm = z_new / sqrt(var + eps), the shape of z_new. eps sits inside the root."""
-    return z_new / _per_feature((var + eps) ** 0.5, z_new.ndim)
+def normalize(z_new: Array, var: Array, eps: float, in_place: bool = False) -> Array:
+    """Step 4: z_norm = z_new / sqrt(var + eps), the shape of z_new. eps sits inside the root.
+
+    With ``in_place`` the result overwrites z_new (no new array; ``forward_train`` does this).
+    """
+    inv_std = _per_feature((var + eps) ** -0.5, z_new.ndim)  # one root per feature, then multiply
+    if in_place:
+        z_new *= inv_std
+        return z_new
+    return z_new * inv_std
 
 
 def scale_shift(z_norm: Array, gamma: Array, beta: Array) -> Array:
@@ -100,12 +127,14 @@ def forward_train(z: Array, gamma: Array, beta: Array, eps: float = 1e-5) -> tup
     """
     _check_params(z, gamma=gamma, beta=beta)
     check_eps(eps)
-    check_training_batch(z)
-    mu = batch_mean(z)  # step 1: (n,)
+    check_batch_size(z)  # more than one value per feature
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN or inf in z: refused just below
+        mu = batch_mean(z)  # step 1: (n,)
+    check_finite_batch(mu)  # all values finite (a NaN or inf in z shows in mu)
     z_new = center(z, mu)  # step 2: (m, n)
     var = batch_variance(z_new)  # step 3: (n,)
-    z_norm = normalize(z_new, var, eps)  # step 4: (m, n)
-    del z_new  # no longer needed: freeing it keeps peak memory at 2x the input
+    z_norm = normalize(z_new, var, eps, in_place=isinstance(z, np.ndarray))  # step 4: (m, n), into z_new:
+    del z_new  # not needed again (cache.z_new recovers it); tensors keep theirs for autograd
     z_tilde = scale_shift(z_norm, gamma, beta)  # step 5: (m, n)
     return z_tilde, Cache(z_norm, var, gamma, eps)
 
