@@ -17,7 +17,7 @@ NOTEBOOKS = $$($(PY) tools/notebooks.py)
 PYTEST_ARGS ?=
 NBVAL_ARGS := --nbval --nbval-current-env --nbval-cell-timeout=600
 
-.PHONY: venv book test outputs exercises clean
+.PHONY: venv book test outputs exercises bench clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,13 @@ outputs: $(STAMP)
 
 exercises: $(STAMP)
 	$(PY) tools/make_exercises.py
+
+# bnkit vs PyTorch's kernels and a memory copy (CPU, and CUDA where present): prints a
+# Markdown table, writes benchmarks/results.json and machine.json. BENCH_ARGS=--suite-times
+# also times nbval on the book and a book build (a few minutes more).
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf _build exercises .pytest_cache .hypothesis
