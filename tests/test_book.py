@@ -1,12 +1,12 @@
 """The book builds with no warning, from the stored outputs, and needs no network.
 
 One build (as `make book` does it: -W -n --keep-going) into a temporary
-directory, shared by the tests below.
+directory: the session fixture `book` of tests/conftest.py, shared with the link
+and browser tests.
 """
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,22 +15,6 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 from notebooks import toc_files  # noqa: E402
-
-# jupyter-book's console script, run by this interpreter.
-JUPYTER_BOOK = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())"]
-BUILD_TIMEOUT_S = 900
-
-
-@pytest.fixture(scope="module")
-def book(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    out = tmp_path_factory.mktemp("book")
-    proc = subprocess.run(
-        [*JUPYTER_BOOK, "build", "-W", "-n", "--keep-going", "--builder", "html",
-         "--path-output", str(out), str(REPO)],
-        capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
-    )
-    return proc, out / "_build" / "html"
-
 
 def test_builds_without_warnings(book):
     proc, _ = book

@@ -1,0 +1,225 @@
+"""Sphinx extension of this book, loaded from _config.yml (`sphinx: local_extensions`).
+
+1. Learners' copies. At the start of every HTML build, each notebook in _toc.yml
+   is turned into its learners' copy by tools/make_exercises.py (every solution
+   replaced by a stub, no outputs; the same file `make exercises` writes) and
+   written to <html>/exercises/<name>.ipynb. So the published site always ships
+   the copies of exactly the notebooks it shows. Every chapter page gets a line
+   under its title that downloads its copy, and an entry in the theme's download
+   menu.
+
+2. The `chapter-list` directive (used by chapters/intro.md). Its content is YAML:
+   for every planned chapter, `name: {title: ..., outcome: what the reader can
+   do after it}` (the title is shown only while the chapter is not in the book).
+   It renders the chapters in _toc.yml, in book order, each linked with {doc},
+   with its outcome and its run time read from chapters/_runtimes.json (written
+   by `make outputs`, tools/execute_notebooks.py; never typed by hand); then the
+   planned chapters that are not in the book yet. A notebook in the toc with no
+   outcome or no recorded run time is a warning (an error under -W).
+
+3. Two fixes of the theme's pages, found by tests/test_browser.py: scripts that
+   jupyter-book 1 puts twice on every page (one throws), and pydata-sphinx-theme's
+   empty default colour mode (a console error).
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import sys
+from pathlib import Path
+
+import nbformat
+import yaml
+from docutils import nodes
+from docutils.statemachine import StringList
+from sphinx import addnodes
+from sphinx.application import Sphinx
+from sphinx.errors import ExtensionError
+from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+from make_exercises import EXERCISE, SolutionMarkerError, chapter_number, learner_copy  # noqa: E402
+from execute_notebooks import RUNTIMES  # noqa: E402
+from notebooks import toc_files  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+LEARNERS_DIR = "exercises"  # under the HTML output folder
+_n_exercises: dict[str, int] = {}  # docname -> number of {exercise} directives (set at builder-inited)
+
+
+def _toc(app: Sphinx) -> Path:
+    return Path(app.srcdir) / "_toc.yml"
+
+
+def _toc_notebooks(app: Sphinx) -> dict[str, Path]:
+    """docname -> path of every notebook in the toc, in book order."""
+    srcdir = Path(app.srcdir)
+    return {
+        p.relative_to(srcdir).with_suffix("").as_posix(): p
+        for p in toc_files(_toc(app)) if p.suffix == ".ipynb"
+    }
+
+
+# --- 1. learners' copies ---------------------------------------------------
+
+def write_learners_copies(app: Sphinx) -> None:
+    if app.builder.format != "html":
+        return
+    out = Path(app.outdir) / LEARNERS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for docname, path in _toc_notebooks(app).items():
+        if not path.exists():
+            continue  # Sphinx itself reports a toc entry with no file
+        nb = nbformat.read(path, as_version=4)
+        _n_exercises[docname] = sum(len(EXERCISE.findall(c.source)) for c in nb.cells if c.cell_type == "markdown")
+        try:
+            copy = learner_copy(nb, chapter_number(path))
+        except SolutionMarkerError as e:
+            raise ExtensionError(f"learners' copy of {path.name}: {e}") from None
+        (out / path.name).write_text(nbformat.writes(copy) + "\n", encoding="utf-8")
+
+
+def _learners_uri(docname: str) -> str:
+    """Relative URL, from the page of `docname`, of its learners' copy."""
+    target = f"{LEARNERS_DIR}/{posixpath.basename(docname)}.ipynb"
+    return posixpath.relpath(target, posixpath.dirname(docname) or ".")
+
+
+def add_learners_link(app: Sphinx, doctree: nodes.document, docname: str) -> None:
+    """Put a download line for the learners' copy under the chapter's title."""
+    if app.builder.format != "html" or docname not in _toc_notebooks(app):
+        return
+    section = next(iter(doctree.findall(nodes.section)), None)
+    if section is None:
+        return
+    name = posixpath.basename(docname) + ".ipynb"
+    link = addnodes.download_reference("", "", nodes.literal(name, name), refuri=_learners_uri(docname))
+    if _n_exercises.get(docname):
+        words = ("Exercises: ", "download the learners' copy of this chapter, ",
+                 ", in which every solution is replaced by a stub; the check cell after "
+                 "each stub says whether your answer is right.")
+    else:
+        words = ("Run it yourself: ", "download this chapter's notebook, ", ", with its outputs cleared.")
+    para = nodes.paragraph("", "", nodes.strong(words[0], words[0]), nodes.Text(words[1]), link, nodes.Text(words[2]))
+    note = nodes.container("", para, classes=["bnkit-learners-copy"])
+    index = 1 if section.children and isinstance(section[0], nodes.title) else 0
+    section.insert(index, note)
+
+
+def add_learners_button(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    """Add the learners' copy to the theme's download menu (after the theme filled it)."""
+    if pagename not in _toc_notebooks(app):
+        return
+    for group in context.get("header_buttons", []):
+        if group.get("label") == "download-buttons":
+            group["buttons"].insert(0, {
+                "type": "link",
+                "url": _learners_uri(pagename),
+                "text": "learners' .ipynb",
+                "tooltip": "Download the learners' copy (solutions replaced by stubs)",
+                "icon": "fas fa-pencil-alt",
+                "label": "download-learners-copy-button",
+            })
+
+
+# --- 2. the chapter list of the introduction ---------------------------------
+
+def _chapters(content: StringList) -> dict[str, dict]:
+    """The directive's YAML: {name: {title: ..., outcome: ...}}, in the order written."""
+    data = yaml.safe_load("\n".join(content)) or {}
+    if not isinstance(data, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("title"), str) and isinstance(v.get("outcome"), str)
+        for v in data.values()
+    ):
+        raise ValueError("expected YAML `name: {title: ..., outcome: ...}` for every chapter")
+    return data
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds} s" if seconds < 120 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+class ChapterList(SphinxDirective):
+    has_content = True
+
+    def run(self) -> list[nodes.Node]:
+        toc, runtimes_file = _toc(self.env.app), RUNTIMES
+        self.env.note_dependency(str(toc))
+        self.env.note_dependency(str(runtimes_file))
+        try:
+            chapters = _chapters(self.content)
+        except (ValueError, yaml.YAMLError) as e:
+            return [self.state.document.reporter.warning(f"chapter-list: {e}", line=self.lineno)]
+        runtimes = json.loads(runtimes_file.read_text()) if runtimes_file.exists() else {}
+        srcdir = Path(self.env.srcdir)
+        in_book = _toc_notebooks(self.env.app)
+
+        lines, total = [], 0
+        for docname, path in in_book.items():
+            name = posixpath.basename(docname)
+            key = path.relative_to(srcdir).as_posix()
+            outcome = chapters.get(name, {}).get("outcome")
+            if outcome is None:
+                logger.warning(f"chapter-list: {key} is in _toc.yml but has no `{name}: ...` line "
+                               f"saying what the reader can do after it", location=(self.env.docname, self.lineno))
+                outcome = ""
+            seconds = runtimes.get(key)
+            if seconds is None:
+                logger.warning(f"chapter-list: no recorded run time for {key} in "
+                               f"{runtimes_file.relative_to(srcdir)}: run `make outputs` "
+                               f"(or `python tools/execute_notebooks.py {key}`)",
+                               location=(self.env.docname, self.lineno))
+                when = "run time not measured yet"
+            else:
+                total += seconds
+                when = f"runs in {_duration(seconds)} or less"
+            lines.append(f"- {{doc}}`/{docname}` ({when}). After it you can {outcome}")
+        if in_book and total:
+            lines += ["", f"All {len(in_book)} chapters together run in {_duration(total)} or less."]
+
+        names = {posixpath.basename(d) for d in in_book}
+        coming = [c for n, c in chapters.items() if n not in names]
+        if coming:
+            lines += ["", "Coming (not in the book yet):", ""]
+            lines += [f"- {c['title']}: you will be able to {c['outcome']}" for c in coming]
+
+        container = nodes.container(classes=["bnkit-chapter-list"])
+        self.state.nested_parse(StringList(lines, source=self.env.docname), self.content_offset, container)
+        return [container]
+
+
+# --- 3. fixes of the theme's pages -----------------------------------------------
+
+def default_mode(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    """pydata-sphinx-theme writes `dataset.mode = ... || "{{ default_mode }}"`; with no
+    default_mode in the context it logs "Got invalid theme mode" as a console error
+    on every page a new reader opens. "auto" follows the reader's system setting."""
+    context.setdefault("default_mode", "auto")
+
+
+def dedupe_scripts(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    """sphinx-thebe's and sphinx-togglebutton's inline scripts end up twice on every
+    page under jupyter-book 1 (filename None, then ""), and the second copy of
+    sphinx-thebe's throws "Identifier 'THEBE_JS_URL' has already been declared"."""
+    seen, unique = set(), []
+    for script in context.get("script_files", []):
+        key = (getattr(script, "filename", None) or "",  # None and "" both mean inline
+               tuple(sorted((getattr(script, "attributes", None) or {}).items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append(script)
+    context["script_files"] = unique
+
+
+def setup(app: Sphinx) -> dict:
+    app.connect("builder-inited", write_learners_copies)
+    app.connect("doctree-resolved", add_learners_link)
+    # The theme fills the download menu at priority 501.
+    app.connect("html-page-context", add_learners_button, priority=600)
+    app.add_directive("chapter-list", ChapterList)
+    app.connect("html-page-context", default_mode)
+    app.connect("html-page-context", dedupe_scripts, priority=900)
+    return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}

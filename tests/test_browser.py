@@ -1,0 +1,335 @@
+"""The built book, opened page by page in a real browser (headless Chromium, driven
+by Playwright), works offline and as a reader sees it.
+
+The session's build (tests/conftest.py) is served on 127.0.0.1 (a free port), and
+every page of it is opened once. The tests below then check, over all pages:
+
+- no JavaScript error (uncaught exceptions and console errors) and no failed or
+  404 request;
+- no request to any host but 127.0.0.1 (the browser aborts them all);
+- every equation rendered by MathJax, no error, no TeX left raw in the text;
+- every image loaded;
+- every exercise solution collapsed, and opened by a click on the toggle button
+  of its title;
+- the "next" links, followed from index.html, reach every page of _toc.yml in order.
+
+A full-page screenshot of each page (and of each chapter with its solutions
+open) is saved to the folder named by BNKIT_ARTIFACTS, by default
+_build/screenshots/.
+
+Needs Chromium: Debian's `chromium` package (`apt-get install chromium`), or any
+Chromium/Chrome binary named by BNKIT_CHROMIUM. Without one, the tests are
+skipped, except where CI=true, where they fail (so CI cannot pass without them).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import sys
+import threading
+from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+from notebooks import toc_files, toc_notebooks  # noqa: E402
+
+HOST = "127.0.0.1"
+ARTIFACTS = Path(os.environ.get("BNKIT_ARTIFACTS") or REPO / "_build" / "screenshots")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+PAGE_TIMEOUT_MS = 60_000
+HOW_TO_ENABLE = (
+    "install Chromium (Debian/Ubuntu: `apt-get install --no-install-recommends chromium`) "
+    "or set BNKIT_CHROMIUM=/path/to/chromium, and `pip install -r requirements.txt` (playwright)"
+)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def find_chromium() -> str | None:
+    """BNKIT_CHROMIUM if set (an empty or wrong path means: no browser), else the first
+    Chromium or Chrome on PATH or at Debian's path."""
+    if "BNKIT_CHROMIUM" in os.environ:
+        path = os.environ["BNKIT_CHROMIUM"]
+        return path if path and os.access(path, os.X_OK) and Path(path).is_file() else None
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if found := shutil.which(name):
+            return found
+    return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
+
+
+def skip_or_fail(reason: str):
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: the browser tests must run in CI; {HOW_TO_ENABLE})")
+    pytest.skip(f"{reason}: to run the browser tests, {HOW_TO_ENABLE}")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The browser's path; skips (fails under CI=true) where there is none. Used by
+    every test of this file before anything else (pytestmark below), so that a
+    machine without a browser does not build the book for nothing."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        skip_or_fail("the Python package playwright is not installed")
+    path = find_chromium()
+    if path is None:
+        skip_or_fail("no Chromium found")
+    return path
+
+
+pytestmark = pytest.mark.usefixtures("chromium")
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # no request log on stderr
+        pass
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A browser closing a connection early (page closed mid-download) is no error."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
+@pytest.fixture(scope="module")
+def server(chromium, html):
+    handler = functools.partial(QuietHandler, directory=str(html))
+    httpd = Server((HOST, 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{HOST}:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@dataclass
+class Visit:
+    """What one page showed."""
+    name: str
+    errors: list[str] = field(default_factory=list)  # JS exceptions, console errors, failed requests
+    foreign: list[str] = field(default_factory=list)  # requests to other hosts (aborted)
+    math: dict = field(default_factory=dict)
+    images: list[str] = field(default_factory=list)  # images that did not load
+    solutions: list[str] = field(default_factory=list)  # solution problems
+    n_solutions: int = 0
+
+
+# In the page, once loaded: let MathJax finish, make lazy images load, wait for them all.
+SETTLE_JS = """async () => {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) { await MathJax.startup.promise; }
+  const imgs = Array.from(document.images);
+  for (const img of imgs) { img.loading = 'eager'; }
+  await Promise.all(imgs.map(img => img.complete ? null :
+      new Promise(done => { img.addEventListener('load', done); img.addEventListener('error', done); })));
+}"""
+
+MATH_JS = r"""() => {
+  const math = Array.from(document.querySelectorAll('.math'));
+  const unrendered = math.filter(el => !el.querySelector('mjx-container')).map(el => el.textContent.trim().slice(0, 80));
+  const merrors = Array.from(document.querySelectorAll('mjx-merror')).map(el => el.getAttribute('data-mjx-error') || el.textContent);
+  // The text a reader sees, without code (which may hold $ or \( legitimately) and rendered math.
+  const main = (document.querySelector('main') || document.body).cloneNode(true);
+  main.querySelectorAll('pre, code, mjx-container, script, style, .highlight, textarea').forEach(el => el.remove());
+  const text = main.textContent;
+  const raw = [];
+  for (const re of [/\$\$/, /\\\(/, /\\\)/, /\\\[/, /\\\]/, /\\begin\{/, /\$[^$\s][^$]*\\[A-Za-z]+[^$]*\$/]) {
+    const m = text.match(re);
+    if (m) raw.push(text.slice(Math.max(0, m.index - 40), m.index + 60).replace(/\s+/g, ' '));
+  }
+  return {count: math.length, rendered: document.querySelectorAll('mjx-container').length,
+          mathjax: !!(window.MathJax && MathJax.startup), unrendered, merrors, raw};
+}"""
+
+IMAGES_JS = """() => Array.from(document.images)
+  .filter(img => !(img.complete && img.naturalWidth > 0))
+  .map(img => img.currentSrc || img.src)"""
+
+# Whether any of a solution's content (all but its title) can be seen.
+VISIBLE_JS = """el => Array.from(el.children).filter(c => !c.classList.contains('admonition-title'))
+  .some(c => c.getBoundingClientRect().height > 0 && getComputedStyle(c).visibility !== 'hidden'
+             && Number(getComputedStyle(c).opacity) > 0)"""
+
+
+REFRESH = re.compile(r"""<meta[^>]*http-equiv=["']refresh["'][^>]*url=([^"';]+)""", re.I)
+
+
+def _visit(page, base: str, name: str, html: Path, screenshots: Path) -> Visit:
+    visit = Visit(name)
+    page.on("pageerror", lambda exc: visit.errors.append(f"uncaught exception: {exc}"))
+    page.on("console", lambda msg: msg.type == "error" and visit.errors.append(f"console error: {msg.text}"))
+    page.on("requestfailed", lambda req: urlsplit(req.url).hostname == HOST
+            and visit.errors.append(f"request failed: {req.url} ({req.failure})"))
+    page.on("response", lambda res: res.status >= 400
+            and visit.errors.append(f"HTTP {res.status}: {res.url}"))
+    page.goto(f"{base}/{name}", wait_until="load", timeout=PAGE_TIMEOUT_MS)
+    if redirect := REFRESH.search((html / name).read_text(encoding="utf-8")):  # index.html
+        target = urljoin(f"{base}/{name}", redirect[1].strip())
+        page.wait_for_url(target, wait_until="load", timeout=PAGE_TIMEOUT_MS)
+    page.evaluate(SETTLE_JS)
+    page.wait_for_load_state("networkidle", timeout=PAGE_TIMEOUT_MS)
+    visit.math = page.evaluate(MATH_JS)
+    visit.images = page.evaluate(IMAGES_JS)
+    shot = screenshots / (name.replace("/", "__").removesuffix(".html") + ".png")
+    page.screenshot(path=str(shot), full_page=True)
+
+    solutions = page.query_selector_all("div.solution")
+    visit.n_solutions = len(solutions)
+    for sol in solutions:
+        label = sol.get_attribute("id") or "a solution"
+        if sol.evaluate(VISIBLE_JS):
+            visit.solutions.append(f"{label} is open before any click")
+            continue
+        # The toggle button in the title (a click on the title's link to the
+        # exercise goes to the exercise instead, as a link should).
+        button = sol.query_selector(".admonition-title .toggle-button")
+        if button is None:
+            visit.solutions.append(f"{label} has no toggle button in its title")
+            continue
+        button.scroll_into_view_if_needed()
+        button.click()
+        try:
+            page.wait_for_function(f"el => ({VISIBLE_JS})(el)", arg=sol, timeout=5_000)
+        except Exception:
+            visit.solutions.append(f"{label} does not open on a click on its toggle button")
+    if solutions:
+        page.screenshot(path=str(shot.with_name(shot.stem + "--solutions-open.png")), full_page=True)
+    return visit
+
+
+@pytest.fixture(scope="module")
+def browse(chromium, server, html) -> tuple[dict[str, Visit], list[str]]:
+    """Open every page of the build once, then follow the "next" links from
+    index.html: ({page path: what it showed}, [the pages reached, in order])."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):
+        old.unlink()
+    names = sorted(p.relative_to(html).as_posix() for p in html.rglob("*.html")
+                   if "_static" not in p.relative_to(html).parts)
+    results: dict[str, Visit] = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
+            foreign: list[str] = []
+
+            def route(r):
+                if urlsplit(r.request.url).hostname == HOST:
+                    r.continue_()
+                else:
+                    foreign.append(r.request.url)
+                    r.abort()
+
+            context.route("**/*", route)
+            for name in names:
+                page = context.new_page()
+                try:
+                    results[name] = _visit(page, server, name, html, ARTIFACTS)
+                    results[name].foreign = list(foreign)
+                    foreign.clear()
+                finally:
+                    page.close()
+            reached = _follow_next(context, server)
+        finally:
+            browser.close()
+    return results, reached
+
+
+@pytest.fixture(scope="module")
+def visits(browse) -> dict[str, Visit]:
+    return browse[0]
+
+
+def _follow_next(context, base: str) -> list[str]:
+    """The pages reached from index.html by the "next" links, in order (as paths)."""
+    page = context.new_page()
+    reached = []
+    try:
+        page.goto(f"{base}/index.html", wait_until="load", timeout=PAGE_TIMEOUT_MS)
+        page.wait_for_url(re.compile(r".*/chapters/.*\.html"), timeout=PAGE_TIMEOUT_MS)  # the redirect
+        while True:
+            path = urlsplit(page.url).path.lstrip("/")
+            if path in reached or len(reached) > 200:
+                break
+            reached.append(path)
+            nxt = page.query_selector("a.right-next")
+            if nxt is None:
+                break
+            with page.expect_navigation(wait_until="load", timeout=PAGE_TIMEOUT_MS):
+                nxt.click()
+    finally:
+        page.close()
+    return reached
+
+
+def test_every_page_was_opened(visits):
+    opened = set(visits)
+    for source in toc_files():
+        assert source.relative_to(REPO).with_suffix(".html").as_posix() in opened
+    assert {"index.html", "search.html", "genindex.html"} <= opened
+    assert len(list(ARTIFACTS.glob("*.png"))) >= len(opened)
+
+
+def test_no_javascript_errors(visits):
+    problems = [f"{v.name}: {e}" for v in visits.values() for e in v.errors]
+    assert not problems, "\n".join(problems)
+
+
+def test_nothing_is_fetched_from_another_host(visits):
+    problems = [f"{v.name}: {u}" for v in visits.values() for u in v.foreign]
+    assert not problems, "requests to hosts other than 127.0.0.1 (aborted):\n" + "\n".join(problems)
+
+
+def test_every_equation_is_rendered(visits):
+    problems, total = [], 0
+    for v in visits.values():
+        m = v.math
+        total += m["count"]
+        if m["count"] and not m["mathjax"]:
+            problems.append(f"{v.name}: {m['count']} equations but MathJax did not start")
+        problems += [f"{v.name}: not rendered: {t!r}" for t in m["unrendered"]]
+        problems += [f"{v.name}: MathJax error: {t!r}" for t in m["merrors"]]
+        problems += [f"{v.name}: raw TeX in the text: ...{t!r}..." for t in m["raw"]]
+    assert total > 0, "no equation found in the whole book"
+    assert not problems, "\n".join(problems)
+
+
+def test_every_image_is_loaded(visits):
+    problems = [f"{v.name}: {src}" for v in visits.values() for src in v.images]
+    assert not problems, "images that did not load:\n" + "\n".join(problems)
+
+
+def test_solutions_are_collapsed_and_open_on_click(visits):
+    problems = [f"{v.name}: {p}" for v in visits.values() for p in v.solutions]
+    assert not problems, "\n".join(problems)
+    for nb in toc_notebooks():
+        source = nb.read_text(encoding="utf-8")
+        if "{solution-start}" in source or "{solution}" in source:
+            name = nb.relative_to(REPO).with_suffix(".html").as_posix()
+            assert visits[name].n_solutions > 0, f"{name}: the chapter has solutions but none was found on the page"
+
+
+def test_next_links_reach_every_chapter_in_order(browse):
+    reached = browse[1]
+    expected = [p.relative_to(REPO).with_suffix(".html").as_posix() for p in toc_files()]
+    assert reached == expected, f"following 'next' from index.html reached {reached}, expected {expected}"
