@@ -28,6 +28,8 @@ __all__ = [
     "ExerciseError",
     "Case",
     "check_function",
+    "call_learner",
+    "not_implemented",
     "batch_mean",
     "center",
     "batch_variance",
@@ -77,22 +79,36 @@ def _where_in_learner_code(fn: Callable, exc: BaseException) -> str:
     return f" (line {f.lineno}: {f.line.strip()})" if f.line else f" (line {f.lineno})"
 
 
-def _call(name: str, fn: Callable, case: Case) -> np.ndarray:
-    """Call the learner's function on copies of the case's arguments; explain any exception."""
+def not_implemented(name: str, fn: Callable) -> ExerciseError:
+    """The error for a stub that still raises NotImplementedError."""
+    return ExerciseError(
+        f"{name}: not implemented yet: replace the stub `raise NotImplementedError(...)` "
+        f"in {getattr(fn, '__name__', 'your function')} with your code"
+    )
+
+
+def call_learner(
+    name: str, fn: Callable, args: Sequence = (), kwargs: dict | None = None, label: str = "", hint: str = ""
+) -> Any:
+    """fn(*args, **kwargs), the learner's function; a stub or an exception inside it becomes an
+    ExerciseError a learner can read (the line of their code that failed, the case, a hint)."""
     try:
         with np.errstate(all="ignore"):
-            out = fn(*(_copy(a) for a in case.args))
+            return fn(*args, **(kwargs or {}))
     except NotImplementedError:
-        raise ExerciseError(
-            f"{name}: not implemented yet: replace the stub `raise NotImplementedError(...)` "
-            f"in {getattr(fn, '__name__', 'your function')} with your code"
-        ) from None
+        raise not_implemented(name, fn) from None
     except Exception as e:  # the learner's code failed: report it, not a traceback from bnkit
         where = _where_in_learner_code(fn, e)
-        hint = f" Hint: {case.hint}" if case.hint else ""
+        on = f", on {label}" if label else ""
+        hint = f" Hint: {hint}" if hint else ""
         raise ExerciseError(
-            f"{name}: your function raised {type(e).__name__}: {str(e).strip()}{where}, on {case.label}.{hint}"
+            f"{name}: your function raised {type(e).__name__}: {str(e).strip()}{where}{on}.{hint}"
         ) from None
+
+
+def _call(name: str, fn: Callable, case: Case) -> np.ndarray:
+    """Call the learner's function on copies of the case's arguments; an array of numbers back."""
+    out = call_learner(name, fn, [_copy(a) for a in case.args], label=case.label, hint=case.hint)
     if out is None:
         raise ExerciseError(f"{name}: your function returned None: did you forget `return`?")
     if hasattr(out, "detach"):  # a torch tensor

@@ -24,7 +24,7 @@ import numpy as np
 
 from bnkit import reference as ref
 from bnkit._validate import stat_axes, values_per_feature
-from bnkit.check import Case, ExerciseError, check_function
+from bnkit.check import Case, ExerciseError, call_learner, check_function, not_implemented
 
 __all__ = ["backward", "directional_error", "fold_linear", "fold_conv"]
 
@@ -40,10 +40,7 @@ def _first_call(name: str, fn: Callable, case: Case, results: Sequence[str]) -> 
         with np.errstate(all="ignore"):
             out = fn(*copy.deepcopy(case.args))
     except NotImplementedError:
-        raise ExerciseError(
-            f"{name}: not implemented yet: replace the stub `raise NotImplementedError(...)` "
-            f"in {getattr(fn, '__name__', 'your function')} with your code"
-        ) from None
+        raise not_implemented(name, fn) from None
     except Exception:  # check_function reports it, with the line of the learner's code
         return
     wanted = "(" + ", ".join(results) + ")"
@@ -255,15 +252,7 @@ def _bn_loss(seed: int) -> tuple[Callable, np.ndarray, np.ndarray, np.ndarray]:
 def _run_check(name: str, fn: Callable, f: Callable, x: np.ndarray, grad: np.ndarray, h: float, seed: int):
     """Call the learner's check; return (its result as a float, the spy)."""
     spy, x_in = _Spy(f), x.copy()
-    try:
-        out = fn(spy, x_in, grad.copy(), h=h, seed=seed)
-    except NotImplementedError:
-        raise ExerciseError(
-            f"{name}: not implemented yet: replace the stub `raise NotImplementedError(...)` "
-            f"in {getattr(fn, '__name__', 'your function')} with your code"
-        ) from None
-    except Exception as e:
-        raise ExerciseError(f"{name}: your function raised {type(e).__name__}: {e}") from None
+    out = call_learner(name, fn, (spy, x_in, grad.copy()), dict(h=h, seed=seed))
     if out is None:
         raise ExerciseError(f"{name}: your function returned None: did you forget `return`?")
     try:

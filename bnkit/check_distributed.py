@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bnkit import running
-from bnkit.check import Case, ExerciseError, check_function
+from bnkit.check import Case, ExerciseError, check_function, not_implemented
 from bnkit.running import BatchStats
 
 __all__ = ["ExerciseError", "merge", "combine_variances"]
@@ -31,13 +31,6 @@ def _cancellation_hint(offset: str, square: str, deviations: str) -> str:
         f"the values here sit near {offset}: a formula through raw sums of squares, "
         f"n * (var + mean**2) minus n * mean**2, subtracts two numbers near {square} and loses "
         f"the digits that matter; work with deviations from the means instead ({deviations})."
-    )
-
-
-def _not_implemented(name: str, fn: Callable) -> ExerciseError:
-    return ExerciseError(
-        f"{name}: not implemented yet: replace the stub `raise NotImplementedError(...)` "
-        f"in {getattr(fn, '__name__', 'your function')} with your code"
     )
 
 
@@ -93,7 +86,7 @@ def merge(fn: Callable, seed: int = 0) -> None:
     try:
         out = fn(*copy.deepcopy(cases[0].args))
     except NotImplementedError:
-        raise _not_implemented(name, fn) from None
+        raise not_implemented(name, fn) from None
     except Exception:  # check_function reports it, with the learner's line
         out = (None, None, None)
     if out is None:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit import running, torch_bn
-from bnkit.check import Case, ExerciseError, _call
+from bnkit.check import Case, ExerciseError, _call, call_learner
 
 __all__ = ["ExerciseError", "batch_stat_layers", "stable_variance"]
 
@@ -128,15 +128,7 @@ def _names(name: str, fn: Callable, case: Case) -> list[str]:
     """The learner's answer on the case, as a sorted list of names; explains wrong types."""
     model = case.args[0]
     modes = _modes(model)
-    try:
-        out = fn(model)
-    except NotImplementedError:
-        raise ExerciseError(
-            f"{name}: not implemented yet: replace the stub `raise NotImplementedError(...)` "
-            f"in {getattr(fn, '__name__', 'your function')} with your code"
-        ) from None
-    except Exception as e:  # the learner's code failed
-        raise ExerciseError(f"{name}: your function raised {type(e).__name__}: {e}, on {case.label}") from None
+    out = call_learner(name, fn, (model,), label=case.label)
     if _modes(model) != modes:
         raise ExerciseError(
             f"{name}: your function changed the mode of some layers (on {case.label}): it must only "

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bnkit import torch_bn
-from bnkit.check import Case, ExerciseError, check_function
+from bnkit.check import Case, ExerciseError, call_learner, check_function
 from bnkit.nets import mlp
 
 __all__ = ["ExerciseError", "steps_needed", "adabn"]
@@ -109,16 +109,8 @@ def _call_adabn(fn: Callable, model: nn.Module, X: np.ndarray, label: str) -> nn
     """Run fn on a case; explain a stub, an exception, a wrong return value or a changed model."""
     name = "adabn"
     before, mode = _state(model), model.training
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            adapted = fn(model, X.copy())
-    except NotImplementedError:
-        raise ExerciseError(
-            f"{name}: not implemented yet: replace the stub `raise NotImplementedError(...)` in "
-            f"{getattr(fn, '__name__', 'your function')} with your code"
-        ) from None
-    except Exception as e:
-        raise ExerciseError(f"{name}: your function raised {type(e).__name__}: {str(e).strip()}, on {label}") from None
+    with contextlib.redirect_stdout(io.StringIO()):
+        adapted = call_learner(name, fn, (model, X.copy()), label=label)
     if adapted is None:
         raise ExerciseError(f"{name}: your function returned None: return the adapted copy of the model")
     if not isinstance(adapted, nn.Module):
