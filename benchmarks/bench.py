@@ -283,7 +283,8 @@ def machine() -> dict[str, str]:
         "numpy": np.__version__,
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
-        "note": "a shared machine: other jobs ran at the same time; the ratios are the figures to read",
+        # how busy the machine was (other jobs slow both sides of a ratio alike)
+        "load_average_1min": f"{os.getloadavg()[0]:.2f} at the end of the run",
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
