@@ -30,8 +30,8 @@ def stat_axes(ndim: int) -> tuple[int, ...]:
 
 
 def values_per_feature(shape: tuple[int, ...]) -> int:
-    """How many values each feature/channel's statistics are taken over (m or m*H*W)."""
-    return math.prod(shape[a] for a in stat_axes(len(shape)))
+    """How many values each feature/channel's statistics are taken over (m, m*L or m*H*W)."""
+    return math.prod(shape[a] for a in feature_axes(len(shape)))
 
 
 def check_eps(eps: float) -> None:

@@ -10,11 +10,11 @@ gives all of them exactly, post hoc:
     stats = running_from_record(record, "ema", momentum=0.01)          # {layer: (mean, var)}
     evaluate(model, X_test, y_test, stats)                              # accuracy with them
 
-- ``train_recording``: ``bnkit.nets.train`` with forward hooks that record, per BN layer and
-  step, the batch mean, the biased batch variance and the batch size, and copies of the
-  model's state after chosen steps.
+- ``train_recording``: ``bnkit.nets.train`` with ``bnkit.recording.BatchStatsRecorder``, which records,
+  per BN layer and step, the batch mean and the biased batch variance, plus the batch size and
+  copies of the model's state after chosen steps.
 - ``running_from_record``: the running estimate after the first k steps, replayed with
-  ``bnkit.running.update_running`` (exactly what the layer would have stored).
+  ``bnkit.running.running_estimates`` (exactly what the layer would have stored).
 - ``with_stats`` / ``evaluate``: a copy of the model with other BN statistics, and its accuracy.
 - ``batch_stats_accuracy``: accuracy when every test batch is normalised with its own statistics.
 - ``population_stats``: exact statistics over a data set with ``recompute_stats`` (PreciseBN,
@@ -32,6 +32,7 @@ from torch import nn
 
 from bnkit import running, testtime, torch_bn
 from bnkit.nets import accuracy, train
+from bnkit.recording import BatchStatsRecorder
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # BN layer name -> (mean (n,), var (n,))
 
@@ -47,23 +48,16 @@ class Record:
     snapshots: dict[int, dict] = field(default_factory=dict)  # step k -> state_dict after k steps
 
 
-def _names(model: nn.Module) -> dict[nn.Module, str]:
-    names = {m: name for name, m in model.named_modules()}
-    return {bn: names[bn] for bn in torch_bn.bn_layers(model)}
-
-
 def train_recording(
     model: nn.Module, X: np.ndarray, y: np.ndarray, snapshot_steps=(), **train_kwargs
 ) -> Record:
-    """``bnkit.nets.train(model, X, y, **train_kwargs)``, recording every BN layer's batch statistics.
+    """``bnkit.nets.train(model, X, y, **train_kwargs)``, recording every BN layer's batch statistics
+    (with ``bnkit.recording.BatchStatsRecorder``).
 
     snapshot_steps: steps k after which a copy of the model's state_dict is kept (k = 1 is
     after the first optimizer step). The training is exactly that of ``train``: the hooks
     only read the activations.
     """
-    layers = _names(model)
-    mus: dict[str, list] = {name: [] for name in layers.values()}
-    variances: dict[str, list] = {name: [] for name in layers.values()}
     counts: list[int] = []
     snapshots: dict[int, dict] = {}
     wanted = set(snapshot_steps)
@@ -74,22 +68,18 @@ def train_recording(
             snapshots[k] = copy.deepcopy(module.state_dict())
         counts.append(args[0].shape[0])
 
-    def on_bn(bn, args):
-        z = args[0].detach()  # (b, n): the layer's input
-        mus[layers[bn]].append(z.mean(0).double().cpu().numpy())
-        variances[layers[bn]].append(z.var(0, unbiased=False).double().cpu().numpy())
-
-    handles = [model.register_forward_pre_hook(on_model)]
-    handles += [bn.register_forward_pre_hook(on_bn) for bn in layers]
+    handle = model.register_forward_pre_hook(on_model)
     try:
-        losses = train(model, X, y, **train_kwargs)
+        with BatchStatsRecorder(model) as recorder:
+            losses = train(model, X, y, **train_kwargs)
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     if len(counts) in wanted:  # the state after the last step
         snapshots[len(counts)] = copy.deepcopy(model.state_dict())
-    stack = lambda d: {k: np.array(v) for k, v in d.items()}  # noqa: E731
-    return Record(stack(mus), stack(variances), np.array(counts), losses, snapshots)
+    traces = {name: recorder.trace(name) for name in recorder.names}
+    mus = {name: trace.mu for name, trace in traces.items()}
+    variances = {name: trace.var for name, trace in traces.items()}
+    return Record(mus, variances, np.array(counts), losses, snapshots)
 
 
 def running_from_record(
@@ -100,13 +90,13 @@ def running_from_record(
     see ``bnkit.running``). Starts from PyTorch's (0, 1); returns float32 tensors."""
     steps = len(record.counts) if steps is None else steps
     stats = {}
-    for name in record.mus:
-        mean, var = np.zeros(record.mus[name].shape[1]), np.ones(record.mus[name].shape[1])
-        for t in range(1, steps + 1):
-            mean, var = running.update_running(
-                mean, var, record.mus[name][t - 1], record.variances[name][t - 1],
-                int(record.counts[t - 1]), t, estimator, momentum,
+    for name, mus in record.mus.items():
+        mean, var = np.zeros(mus.shape[1]), np.ones(mus.shape[1])  # after 0 steps: PyTorch's start
+        if steps > 0:
+            means, vars_ = running.running_estimates(
+                mus[:steps], record.variances[name][:steps], record.counts[:steps], estimator, momentum
             )
+            mean, var = means[-1], vars_[-1]
         stats[name] = (torch.tensor(mean, dtype=torch.float32), torch.tensor(var, dtype=torch.float32))
     return stats
 
@@ -115,7 +105,7 @@ def running_from_record(
 def with_stats(model: nn.Module, stats: Stats | None = None) -> nn.Module:
     """A copy of ``model`` in eval mode whose BN layers hold ``stats`` (or their own, if None)."""
     model = copy.deepcopy(model).eval()
-    for bn, name in _names(model).items() if stats is not None else ():
+    for bn, name in torch_bn.bn_names(model).items() if stats is not None else ():
         bn.running_mean.copy_(stats[name][0])
         bn.running_var.copy_(stats[name][1])
     return model

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from bnkit.data import batches
+from bnkit.torch_bn import model_device
 
 
 def mlp(
@@ -38,10 +39,6 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def train(
     model: nn.Module,
     X: np.ndarray,
@@ -59,7 +56,7 @@ def train(
     training mode. Runs on the device of the model's parameters.
     """
     torch.manual_seed(seed)
-    device = _device(model)
+    device = model_device(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     losses: list[float] = []
@@ -83,7 +80,7 @@ def accuracy(model: nn.Module, X: np.ndarray, y: np.ndarray) -> float:
     was_training = model.training
     model.eval()
     try:
-        logits = model(torch.as_tensor(X, device=_device(model)))  # (m, 10)
+        logits = model(torch.as_tensor(X, device=model_device(model)))  # (m, 10)
         predicted = logits.argmax(dim=1).cpu().numpy()
     finally:
         model.train(was_training)

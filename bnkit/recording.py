@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bnkit import running
-from bnkit.torch_bn import bn_layers
+from bnkit.torch_bn import bn_names
 
 
 class Trace(NamedTuple):
@@ -41,8 +41,7 @@ class BatchStatsRecorder:
     """
 
     def __init__(self, model: nn.Module, layers: list[str] | None = None) -> None:
-        names = {m: name for name, m in model.named_modules()}
-        found = {names[bn]: bn for bn in bn_layers(model)}
+        found = {name: bn for bn, name in bn_names(model).items()}
         if layers is None:
             layers = list(found)
         unknown = [name for name in layers if name not in found]

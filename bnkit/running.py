@@ -31,7 +31,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from bnkit._validate import all_finite, check_momentum, feature_axes
+from bnkit._validate import all_finite, check_momentum, feature_axes, values_per_feature
 
 Array = Any  # a NumPy array or a torch tensor
 
@@ -204,8 +204,7 @@ def batch_stats(z: Array) -> BatchStats:
     mean = z.mean(axis=axes)
     shape = (1, -1) + (1,) * (z.ndim - 2)
     z_new = z - mean.reshape(shape)
-    count = int(np.prod([z.shape[a] for a in axes]))
-    return BatchStats(count, mean, (z_new * z_new).sum(axis=axes))
+    return BatchStats(values_per_feature(tuple(z.shape)), mean, (z_new * z_new).sum(axis=axes))
 
 
 def merge(a: BatchStats, b: BatchStats) -> BatchStats:

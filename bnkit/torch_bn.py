@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit import running
-from bnkit._validate import all_finite, check_eps, check_momentum
+from bnkit._validate import all_finite, check_batch_size, check_eps, check_finite_batch, check_momentum
 from bnkit.reference import (  # noqa: F401  (re-exported: they work on tensors)
     Cache,
     backward,
@@ -85,19 +85,15 @@ class _EstimatorBatchNorm(_BatchNorm):
         check_momentum(self.momentum)
         if not self.training and self.track_running_stats:  # test time: fixed statistics
             return F.batch_norm(z, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        count = z.numel() // z.shape[1]  # values per feature/channel
-        if count < 2:
-            raise ValueError(
-                f"a training batch needs more than one value per feature/channel, got input of shape {tuple(z.shape)}"
-            )
+        count = check_batch_size(z)  # values per feature/channel, more than one
         # The batch statistics land in fresh buffers: with momentum 1 the kernel writes the batch
         # mean and the unbiased batch variance there, and nothing of ours changes before the checks.
         dtype = self.running_mean.dtype if self.running_mean is not None else z.dtype
         mu = torch.zeros(self.num_features, device=z.device, dtype=dtype)
         var_unbiased = torch.ones(self.num_features, device=z.device, dtype=dtype)
         z_tilde = F.batch_norm(z, mu, var_unbiased, self.weight, self.bias, True, 1.0, self.eps)
-        if not (all_finite(mu) and all_finite(var_unbiased)):
-            raise ValueError("the training batch contains NaN or infinite values")
+        check_finite_batch(mu)  # a NaN or inf in z shows in mu ...
+        check_finite_batch(var_unbiased)  # ... and squares that overflow show in the variance
         if self.training and self.track_running_stats:
             self._update_running(mu, var_unbiased * ((count - 1) / count), count)
         return z_tilde
@@ -137,11 +133,18 @@ def bn_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
+def bn_names(model: nn.Module) -> dict[_BatchNorm, str]:
+    """Each of ``bn_layers(model)`` with its name in ``model.named_modules()`` (e.g. "1")."""
+    names = {m: name for name, m in model.named_modules()}
+    return {bn: names[bn] for bn in bn_layers(model)}
+
+
 def _inputs(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch  # (x, y) from a DataLoader
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (or of its buffers, if it has no parameters)."""
     for tensor in model.parameters():
         return tensor.device
     return next(iter(model.buffers())).device  # a model of BN layers without affine parameters
@@ -222,7 +225,7 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
         raise ValueError("the model has no BatchNorm layer with running statistics")
     if iter(batches) is batches:  # a one-shot iterator: keep the batches for more than one pass
         batches = list(batches)
-    device = _device(model)
+    device = model_device(model)
     modes = {m: m.training for m in model.modules()}
     saved = {bn: (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in layers}
     done = False
@@ -233,8 +236,7 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
                 bn.train()  # batch statistics upstream (this also updates buffers: restored below)
             stats = _collect(model, layers, batches, device)
             new = {bn: estimate(stats[bn], estimator) for bn in layers}
-            for bn, (rm, rv, nbt) in saved.items():
-                bn.running_mean.copy_(rm), bn.running_var.copy_(rv), bn.num_batches_tracked.copy_(nbt)
+            _restore(saved)
         else:
             first = next(iter(batches), _NO_BATCH)
             if first is _NO_BATCH:  # not a StopIteration escaping from here
@@ -261,12 +263,17 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
         done = True
     finally:
         if not done:
-            for bn, (rm, rv, nbt) in saved.items():
-                bn.running_mean.copy_(rm), bn.running_var.copy_(rv), bn.num_batches_tracked.copy_(nbt)
+            _restore(saved)
         for m, mode in modes.items():
             m.train(mode)
-    names = {m: name for name, m in model.named_modules()}
-    return {names[bn]: (bn.running_mean.clone(), bn.running_var.clone()) for bn in layers}
+    return {name: (bn.running_mean.clone(), bn.running_var.clone()) for bn, name in bn_names(model).items()}
+
+
+@torch.no_grad()
+def _restore(saved: dict) -> None:
+    """Put back each layer's (running_mean, running_var, num_batches_tracked) as saved."""
+    for bn, (rm, rv, nbt) in saved.items():
+        bn.running_mean.copy_(rm), bn.running_var.copy_(rv), bn.num_batches_tracked.copy_(nbt)
 
 
 # ---------------------------------------------------------------- folding for deployment
