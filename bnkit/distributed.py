@@ -221,6 +221,9 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, tmp: str, args: 
     except Exception as e:  # e.g. the port was taken in the meantime: the parent tries again
         _write(tmp, rank, ("init", f"{type(e).__name__}: {e}"))
         os._exit(1)
+    # torch.multiprocessing passes tensors (a model's parameters and buffers too) through shared
+    # memory, not as copies: without this, every rank and the parent would write the same BN buffers
+    args = copy.deepcopy(args)
     try:
         result: Any = ("ok", fn(rank, world_size, *args))
     except Exception as e:  # reported by the parent, with the traceback
@@ -242,7 +245,8 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0, att
 
     The processes join one gloo process group on 127.0.0.1 (a free port), use one thread each,
     and leave the group when ``fn`` returns. ``fn`` must be importable (defined in a module,
-    not in a notebook); args and results must be picklable. Returns [result of rank 0, ...].
+    not in a notebook); args and results must be picklable. Each process gets its own copy of
+    args (tensors included), so nothing a rank changes reaches another rank or the caller. Returns [result of rank 0, ...].
     If the group cannot be formed (say, another program took the port), it tries again with a
     new port, up to ``attempts`` times. Raises RuntimeError if a rank fails (with its
     traceback) or if ``timeout`` seconds pass, after stopping every process.

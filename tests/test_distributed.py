@@ -175,3 +175,15 @@ def test_spawn_tries_again_when_the_port_is_taken(monkeypatch):
         z = np.arange(6.0).reshape(3, 2).astype(np.float32)
         (result,) = D.spawn(D.moments_worker, 1, [z], timeout=60)
     assert result["exact"][0] == 3
+
+
+def test_spawn_gives_each_process_its_own_copy_of_its_arguments():
+    """torch.multiprocessing hands tensors to the children through shared memory; spawn copies
+    them, or every rank (and the caller) would write the same Batch Norm buffers."""
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    results = D.spawn(D.population_worker, 2, model, _data(2)["batches"], timeout=60)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"a rank changed the caller's {k}"
+    for name in results[0]:  # and the ranks agree with each other
+        assert all(np.array_equal(r[name][1], results[0][name][1]) for r in results)
