@@ -359,3 +359,17 @@ def population_worker(
     batches = [torch.as_tensor(b) for b in shards[rank]]
     out = recompute_stats_distributed(model, batches, estimator, upstream)
     return {name: (mean.numpy(), var.numpy()) for name, (mean, var) in out.items()}
+
+
+def demo_worker(
+    rank: int,
+    world_size: int,
+    offset_shards: Sequence[np.ndarray],
+    model: nn.Module,
+    batch_shards: Sequence[Sequence[np.ndarray]],
+) -> dict[str, dict]:
+    """Chapter 9's processes, started once: ``moments_worker`` then ``population_worker``."""
+    return {
+        "moments": moments_worker(rank, world_size, offset_shards),
+        "population": population_worker(rank, world_size, model, batch_shards),
+    }
