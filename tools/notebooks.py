@@ -25,6 +25,14 @@ KERNEL_ENV = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
+    # The same SIMD code paths on every x86-64 machine with AVX2: float sums depend on the
+    # vector width, so an AVX-512 machine would otherwise train to other numbers than the
+    # AVX2 one that stored the outputs (seen: test accuracy 0.973 here, 0.976 stored).
+    "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own kernels
+    "MKL_CBWR": "AVX2",  # MKL (PyTorch's matrix products): conditional numerical reproducibility
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN (PyTorch's convolutions)
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",  # NumPy's AVX-512 dispatch
+    "OPENBLAS_CORETYPE": "Haswell",  # OpenBLAS (NumPy's matrix products): its AVX2 kernels
     "CUDA_VISIBLE_DEVICES": "",
     "PYDEVD_DISABLE_FILE_VALIDATION": "1",
     "MPLBACKEND": "module://matplotlib_inline.backend_inline",
