@@ -50,3 +50,11 @@ def unit_histograms(
     axes[0, 0].set_ylabel("examples")
     axes[0, -1].legend(fontsize=8)
     return fig, axes[0]
+
+
+def power_of_ten_above(x: float) -> float:
+    """The smallest power of ten >= x > 0: a round-off error shown as "below 1e-15" stays the
+    same printed number when its last bits change (a stored output nbval compares)."""
+    if not (x > 0 and np.isfinite(x)):
+        raise ValueError(f"expected a positive finite number, got {x!r}")
+    return float(10.0 ** np.ceil(np.log10(x)))

@@ -200,11 +200,19 @@ def batch_stats(z: Array) -> BatchStats:
     z: (m, n), (m, C, L) or (m, C, H, W), ...: features on axis 1; a NumPy array or a tensor.
     """
     axes = feature_axes(z.ndim)
-    z = z.double() if hasattr(z, "double") else np.asarray(z, dtype=np.float64)
-    mean = z.mean(axis=axes)
+    count = values_per_feature(tuple(z.shape))
     shape = (1, -1) + (1,) * (z.ndim - 2)
+    if hasattr(z, "double"):  # a tensor: in place on a float64 copy (fewer small kernel calls)
+        import torch
+
+        z_new = z.to(torch.float64, copy=True)
+        mean = z_new.mean(axis=axes)
+        z_new.sub_(mean.reshape(shape))
+        return BatchStats(count, mean, z_new.square_().sum(axis=axes))
+    z = np.asarray(z, dtype=np.float64)
+    mean = z.mean(axis=axes)
     z_new = z - mean.reshape(shape)
-    return BatchStats(values_per_feature(tuple(z.shape)), mean, (z_new * z_new).sum(axis=axes))
+    return BatchStats(count, mean, (z_new * z_new).sum(axis=axes))
 
 
 def merge(a: BatchStats, b: BatchStats) -> BatchStats:
@@ -221,13 +229,30 @@ def merge(a: BatchStats, b: BatchStats) -> BatchStats:
 
 
 def merge_all(stats: Iterable[BatchStats]) -> BatchStats:
-    """Merge any number of BatchStats (e.g. one per batch, or one per process)."""
-    total = BatchStats(0, 0.0, 0.0)
-    for s in stats:
-        total = merge(total, s)
-    if total.count == 0:
+    """Merge any number of BatchStats (e.g. one per batch, or one per process).
+
+    Equal to folding ``merge`` over them, in one step: the total M2 is the sum of the sets'
+    M2 plus the spread of their means, sum_b count_b * (mean_b - mean)**2.
+    """
+    stats = [s for s in stats if s.count > 0]
+    if not stats:
         raise ValueError("no statistics to merge: the sequence of batches was empty")
-    return total
+    if len(stats) == 1:
+        return stats[0]
+    counts = [s.count for s in stats]
+    n = sum(counts)
+    if hasattr(stats[0].mean, "double"):  # tensors
+        import torch
+
+        means, m2s = torch.stack([s.mean for s in stats]), torch.stack([s.m2 for s in stats])  # (B, n)
+        w = torch.as_tensor(counts, dtype=means.dtype, device=means.device)
+    else:
+        means, m2s = np.stack([s.mean for s in stats]), np.stack([s.m2 for s in stats])  # (B, n)
+        w = np.asarray(counts, dtype=means.dtype)
+    w = w.reshape((-1,) + (1,) * (means.ndim - 1))  # (B, 1): count of each set
+    mean = (w * means).sum(0) / n  # (n,)
+    dev = means - mean  # (B, n): each set's mean from the whole mean
+    return BatchStats(n, mean, m2s.sum(0) + (w * dev * dev).sum(0))
 
 
 def finalize(stats: BatchStats) -> tuple[Array, Array]:

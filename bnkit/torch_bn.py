@@ -197,8 +197,9 @@ def recompute_stats(
     batches: an iterable of input tensors, or of (x, y) pairs (a DataLoader).
     estimator: "exact" — the whole-set mean and unbiased variance of the layer's inputs over
         all batches, merged from per-batch (count, mean, M2) in float64 (uneven batches fine);
-        "algorithm2" — Ioffe & Szegedy's E_B[mu_B] and m/(m-1) E_B[var_B] (equal, for equal
-        batches, to torch.nn's momentum=None).
+        "algorithm2" — Ioffe & Szegedy's E_B[mu_B] and m/(m-1) E_B[var_B], every batch weighted
+        alike, as torch.nn's momentum=None does: it assumes batches of one size (drop a short
+        last batch), and leaves out the spread of the batch means.
     upstream: "train" — upstream BN layers normalise with batch statistics while the
         statistics are gathered (one pass; PreciseBN, torch.optim.swa_utils.update_bn);
         "eval" — upstream BN layers already use their new statistics, as at test time (one
@@ -265,7 +266,7 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
         if not done:
             _restore(saved)
         for m, mode in modes.items():
-            m.train(mode)
+            m.training = mode  # this module's flag only: m.train(mode) would also reset its children
     return {name: (bn.running_mean.clone(), bn.running_var.clone()) for bn, name in bn_names(model).items()}
 
 

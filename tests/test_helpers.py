@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 from bnkit.data import batches, load_digits_split  # noqa: E402
 from bnkit.nets import accuracy, mlp, train  # noqa: E402
-from bnkit.plotting import style, unit_histograms  # noqa: E402
+from bnkit.plotting import power_of_ten_above, style, unit_histograms  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,12 @@ def test_unit_histograms_one_panel_per_stage():
     assert len(axes) == 2 and [ax.get_title() for ax in axes] == ["a", "b"]
     assert len(axes[0].patches) == 2 * 20  # two units, 20 bins each
     matplotlib.pyplot.close(fig)
+
+
+def test_power_of_ten_above():
+    assert power_of_ten_above(3.3e-16) == power_of_ten_above(3.6e-16) == pytest.approx(1e-15)
+    assert power_of_ten_above(1e-3) == pytest.approx(1e-3)
+    assert power_of_ten_above(0.5) == 1.0 and power_of_ten_above(250.0) == 1000.0
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive finite"):
+            power_of_ten_above(bad)

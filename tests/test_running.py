@@ -319,6 +319,23 @@ def test_merge_is_symmetric_and_ignores_empty_statistics():
     assert running.merge(empty, a) is a and running.merge(a, empty) is a
 
 
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numpy", "torch"])
+def test_merge_all_equals_merge_folded_over_the_sets(as_tensor):
+    """merge_all merges in one step; merge, one pair at a time, is the textbook formula."""
+    batches = _batches(UNEVEN, seed=15, offset=50.0)
+    stats = [running.batch_stats(torch.from_numpy(b) if as_tensor else b) for b in batches]
+    stats.insert(2, running.BatchStats(0, 0.0, 0.0))  # an empty set changes nothing
+    folded = running.BatchStats(0, 0.0, 0.0)
+    for s in stats:
+        folded = running.merge(folded, s)
+    merged = running.merge_all(stats)
+    assert merged.count == folded.count == sum(UNEVEN)
+    assert isinstance(merged.mean, torch.Tensor) == as_tensor
+    np.testing.assert_allclose(np.asarray(merged.mean), np.asarray(folded.mean), rtol=1e-14)
+    np.testing.assert_allclose(np.asarray(merged.m2), np.asarray(folded.m2), rtol=1e-12)
+    assert running.merge_all(stats[:1]) is stats[0]
+
+
 def test_merge_all_of_nothing_is_refused():
     with pytest.raises(ValueError, match="no statistics to merge"):
         running.merge_all([])
