@@ -7,6 +7,7 @@ torch tensors alike.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -34,8 +35,13 @@ def values_per_feature(shape: tuple[int, ...]) -> int:
     return math.prod(shape[a] for a in feature_axes(len(shape)))
 
 
+def is_real(x) -> bool:
+    """A real number: int, float or a NumPy scalar such as np.float32(1e-5), but not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
 def check_eps(eps: float) -> None:
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+    if not (is_real(eps) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a positive number (it keeps sqrt(var + eps) away from 0), got {eps!r}")
 
 
@@ -77,7 +83,7 @@ def check_momentum(momentum, allow_none: bool = True) -> None:
     """PyTorch convention: running = (1 - momentum) * running + momentum * batch, 0 <= momentum <= 1."""
     if momentum is None and allow_none:
         return
-    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+    if not (is_real(momentum) and 0.0 <= momentum <= 1.0):
         raise ValueError(
             f"momentum must be in [0, 1] (PyTorch convention: the weight of the new batch)"
             f"{' or None (cumulative average)' if allow_none else ''}, got {momentum!r}"

@@ -144,12 +144,17 @@ def forward_infer(
 ) -> Array:
     """Test-time Batch Norm: steps 2, 4 and 5 with a fixed mean and var (no batch statistics).
 
-    z: (m, n), (m, C, H, W), or a single example of shape (n,).
+    z: (m, n), (m, C, H, W), or a single example: (n,) or an image (C, H, W).
     gamma, beta, mean, var: (n,) or (C,). Returns an array the shape of z.
     """
-    single = z.ndim == 1
+    single = z.ndim in (1, 3)
+    if z.ndim == 3 and z.shape[0] != len(gamma):
+        raise ValueError(
+            f"a 3-D z is one image (C, H, W), so C = {z.shape[0]}, but gamma has shape {tuple(gamma.shape)}; "
+            f"a batch must be (m, n) or (m, C, H, W), got z of shape {tuple(z.shape)}"
+        )
     if single:
-        z = z.reshape(1, -1)  # one example: (1, n)
+        z = z[None]  # one example: (1, n) or (1, C, H, W)
     _check_params(z, gamma=gamma, beta=beta, mean=mean, var=var)
     check_eps(eps)
     z_new = center(z, mean)  # step 2 with the running/population mean

@@ -31,7 +31,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from bnkit._validate import all_finite, check_momentum, feature_axes, values_per_feature
+from bnkit._validate import all_finite, check_momentum, feature_axes, is_real, values_per_feature
 
 Array = Any  # a NumPy array or a torch tensor
 
@@ -41,9 +41,10 @@ ESTIMATORS = ("ema", "ema_debiased", "cumulative")
 # ---------------------------------------------------------------- exponentially weighted averages
 
 
-def _check_beta(beta: float) -> None:
-    if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
-        raise ValueError(f"beta must be in [0, 1) (the weight of the old average), got {beta!r}")
+def _check_beta(beta: float, upper_included: bool = False) -> None:
+    if not (is_real(beta) and 0.0 <= beta and (beta <= 1.0 if upper_included else beta < 1.0)):
+        interval = "[0, 1]" if upper_included else "[0, 1)"
+        raise ValueError(f"beta must be in {interval} (the EWA weight of the old average), got {beta!r}")
 
 
 def ema(values: Array, beta: float, bias_correction: bool = False) -> np.ndarray:
@@ -85,7 +86,7 @@ def from_beta(beta: float, convention: str) -> float:
     """The momentum in ``convention`` that gives the EWA weight ``beta``; inverse of to_beta."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
-    check_momentum(beta, allow_none=False)
+    _check_beta(beta, upper_included=True)  # beta = 1 is PyTorch's momentum 0 (never update)
     return 1.0 - beta if convention == "pytorch" else float(beta)
 
 

@@ -289,6 +289,29 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
 
 
+class FoldedLinear(nn.Linear):
+    """A Linear layer with the BatchNorm1d that followed it folded in (``fold_bn``).
+
+    Only for input of shape (m, n): Linear acts on the last axis and BatchNorm1d on axis 1,
+    which are the same axis only for 2-D input, so for (m, C, L) the pair is not one affine map.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2:
+            raise ValueError(
+                f"this Linear layer has a BatchNorm1d folded into it, which is valid for input (m, n) "
+                f"only (Linear acts on the last axis, BatchNorm1d on axis 1), got shape {tuple(x.shape)}"
+            )
+        return super().forward(x)
+
+
+def _as_folded_linear(layer: nn.Linear) -> FoldedLinear:
+    folded = FoldedLinear(layer.in_features, layer.out_features, bias=True, device=layer.weight.device,
+                          dtype=layer.weight.dtype)
+    folded.weight, folded.bias = layer.weight, layer.bias  # the folded parameters themselves
+    return folded
+
+
 @torch.no_grad()
 def _fold_into(layer: nn.Module, bn: _BatchNorm) -> None:
     """W' = diag(s) W, b' = (b - mu) s + beta with s = gamma / sqrt(var + eps), in float64."""
@@ -312,7 +335,9 @@ def fold_bn(model: nn.Module) -> torch.fx.GraphModule:
     At test time BN is the affine map z -> s z + (beta - mu s), s = gamma / sqrt(var + eps), so
     Linear/Conv followed by BN equals one Linear/Conv with weight diag(s) W and bias
     (b - mu) s + beta. BN layers that cannot be folded stay, in eval mode. The result equals
-    ``model.eval()`` up to round-off; ``model`` itself is not changed.
+    ``model.eval()`` up to round-off; ``model`` itself is not changed. A Linear with a BN folded
+    into it becomes a ``FoldedLinear``, which refuses input that is not (m, n) (for (m, C, L) the
+    pair is not one affine map).
     Uses torch.fx to find the pairs, so the model must be symbolically traceable.
     """
     model = copy.deepcopy(model).eval()
@@ -333,6 +358,9 @@ def fold_bn(model: nn.Module) -> torch.fx.GraphModule:
         if layer.weight.shape[0] != bn.num_features:
             continue
         _fold_into(layer, bn)
+        if isinstance(layer, nn.Linear):
+            parent, _, attr = prev.target.rpartition(".")
+            setattr(gm.get_submodule(parent), attr, _as_folded_linear(layer))
         node.replace_all_uses_with(prev)
         gm.graph.erase_node(node)
     gm.graph.lint()

@@ -154,6 +154,18 @@ def test_forward_infer_on_a_single_example(shape):
     np.testing.assert_allclose(out.reshape(1, 5), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numpy", "torch"])
+def test_forward_infer_on_a_single_image(as_tensor):
+    """One (C, H, W) example: per channel, as the same image in a batch of one."""
+    z, gamma, beta = _problem((1, 3, 4, 5))
+    mean, var = _running_stats(3)
+    args = (z[0], gamma, beta, mean, var)
+    out = ref.forward_infer(*(map(_t, args) if as_tensor else args))
+    assert tuple(out.shape) == (3, 4, 5)
+    expected = _torch_infer(z, gamma, beta, mean, var)[0]
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_forward_infer_is_not_forward_train():
     """With running statistics far from the batch's, test time differs from training time."""
     z, gamma, beta = _problem((8, 3))
@@ -347,7 +359,15 @@ def test_a_non_finite_training_batch_is_refused(bad):
         ref.forward_train(z, gamma, beta)
 
 
-@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")])
+@pytest.mark.parametrize("eps", [np.float32(1e-3), np.float64(1e-5), 1])
+def test_eps_may_be_any_positive_real_number(eps):
+    """NumPy scalars too (torch.nn accepts them), and the result is that of the float."""
+    z, gamma, beta = _problem((6, 3))
+    expected, _ = ref.forward_train(z, gamma, beta, eps=float(eps))
+    np.testing.assert_array_equal(ref.forward_train(z, gamma, beta, eps=eps)[0], expected)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), True, "1e-5", None])
 def test_eps_must_be_positive(eps):
     z, gamma, beta = _problem((6, 3))
     mean, var = _running_stats(3)
@@ -389,5 +409,5 @@ def test_wrong_number_of_dimensions_is_refused(shape):
     gamma, beta = np.ones(3), np.zeros(3)
     with pytest.raises(ValueError, match=r"\(m, n\) or \(m, C, H, W\)"):
         ref.forward_train(z, gamma, beta)
-    with pytest.raises(ValueError, match=r"\(m, n\) or \(m, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(m, n\) or \(m, C, H, W\)"):  # a 3-D z: one image of 4 channels
         ref.forward_infer(z, gamma, beta, np.zeros(3), np.ones(3))

@@ -88,7 +88,7 @@ def test_ema_returns_float64_and_leaves_its_input_alone():
     np.testing.assert_array_equal(values, np.arange(6).reshape(3, 2))
 
 
-@pytest.mark.parametrize("beta", [1.0, -0.1, 1.5])
+@pytest.mark.parametrize("beta", [1.0, -0.1, 1.5, True, "0.9"])
 def test_ema_refuses_a_beta_outside_0_1(beta):
     with pytest.raises(ValueError, match=r"beta must be in \[0, 1\)"):
         running.ema(np.ones(3), beta)
@@ -129,10 +129,23 @@ def test_pytorch_momentum_gives_the_same_average_as_its_beta():
     np.testing.assert_allclose(torch_mean, running.ema(mus, running.to_beta(0.3, "pytorch"))[-1], rtol=1e-12)
 
 
-@pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan"), None])
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan"), None, True])
 def test_to_beta_refuses_a_momentum_outside_0_1(momentum):
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
         running.to_beta(momentum, "pytorch")
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.5, float("nan"), None, False])
+def test_from_beta_refuses_a_beta_outside_0_1_and_says_beta(beta):
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\] \(the EWA weight"):
+        running.from_beta(beta, "keras")
+
+
+def test_numpy_scalars_are_accepted_as_beta_and_momentum():
+    values = np.arange(5.0)
+    np.testing.assert_array_equal(running.ema(values, np.float32(0.5)), running.ema(values, 0.5))
+    assert running.to_beta(np.float64(0.1), "pytorch") == pytest.approx(0.9)
+    assert running.from_beta(np.float32(0.9), "keras") == pytest.approx(0.9)
 
 
 def test_an_unknown_convention_is_refused():

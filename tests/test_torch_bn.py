@@ -220,19 +220,58 @@ def test_estimator_shows_in_repr_and_a_bad_one_is_refused():
         tb.BatchNorm1d(3, estimator="exact")
 
 
+# ---------------------------------------------------------------- the five steps on tensors, any device
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 4, 2, 3)], ids=["(m, n)", "(m, C, H, W)"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_functions_on_tensors_match_torch_on_the_device(shape, device):
+    """forward_train, both backward passes and forward_infer on tensors of the device, against
+    F.batch_norm and its autograd on the same device (float64, random upstream gradient)."""
+    z = _randn(shape, device, 0, loc=2.0, scale=3.0)
+    gamma, beta = _randn(4, device, 1, loc=1.0), _randn(4, device, 2)
+    dz_tilde = _randn(shape, device, 3)
+    z_tilde, cache = tb.forward_train(z, gamma, beta)
+    assert z_tilde.device == z.device
+    zr, gr, br = (t.clone().requires_grad_() for t in (z, gamma, beta))
+    expected = F.batch_norm(zr, None, None, gr, br, training=True)
+    torch.testing.assert_close(z_tilde, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(expected, (zr, gr, br), dz_tilde)
+    for backward in (tb.backward, tb.backward_staged):
+        for ours, theirs in zip(backward(dz_tilde, cache), grads):
+            assert ours.device == z.device
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    mean, var = _randn(4, device, 4), _randn(4, device, 5).abs() + 0.5
+    torch.testing.assert_close(
+        tb.forward_infer(z, gamma, beta, mean, var), F.batch_norm(z, mean, var, gamma, beta, training=False),
+        rtol=1e-12, atol=1e-12,
+    )
+    scale, shift = tb.inference_affine(gamma, beta, mean, var)
+    torch.testing.assert_close(tb.forward_infer_affine(z, scale, shift), tb.forward_infer(z, gamma, beta, mean, var))
+
+
 # ---------------------------------------------------------------- modules: bad input
 
 
-@pytest.mark.parametrize("eps", [0.0, -1e-5])
+@pytest.mark.parametrize("eps", [0.0, -1e-5, True])
 def test_module_refuses_eps_not_positive(eps):
     with pytest.raises(ValueError, match="eps must be a positive number"):
         tb.BatchNorm1d(3, eps=eps)
 
 
-@pytest.mark.parametrize("momentum", [-0.1, 1.5])
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, True])
 def test_module_refuses_momentum_outside_0_1(momentum):
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
         tb.BatchNorm2d(3, momentum=momentum)
+
+
+def test_module_accepts_numpy_scalars_as_torch_nn_does():
+    """eps and momentum as NumPy scalars (e.g. read from a config array): same as torch.nn."""
+    ours = tb.BatchNorm1d(3, eps=np.float32(1e-3), momentum=np.float64(0.2)).double()
+    theirs = nn.BatchNorm1d(3, eps=np.float32(1e-3), momentum=np.float64(0.2)).double()
+    x = _randn((6, 3), "cpu", 0)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
 def _assert_refused(bn, x, match):
@@ -516,6 +555,22 @@ def test_fold_linear_and_batchnorm1d(bn_cls, bias, affine, device):
 def test_fold_conv2d_and_batchnorm2d(bn_cls, bias, affine, device):
     model = _prepare(_conv_model(bn_cls, bias, affine, device))
     _assert_folds(model, _randn((2, 3, 6, 6), device, 4, loc=1.0, scale=2.0))
+
+
+def test_a_folded_linear_refuses_input_that_is_not_2d():
+    """Linear acts on the last axis, BatchNorm1d on axis 1: for (m, C, L) input with L equal to the
+    Linear's output size the pair runs, but it is not one affine map, so the folded layer refuses it."""
+    model = _prepare(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).to(DT))
+    folded = tb.fold_bn(model)
+    linear = folded.get_submodule("0")
+    assert isinstance(linear, tb.FoldedLinear) and isinstance(linear, nn.Linear)
+    x3 = _randn((5, 4, 4), "cpu", 6)
+    copy.deepcopy(model).eval()(x3)  # the original model accepts it
+    with pytest.raises(ValueError, match=r"valid for input \(m, n\) only"):
+        folded(x3)
+    x2 = _randn((5, 4), "cpu", 7)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x2), copy.deepcopy(model).eval()(x2), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("bn_cls", [nn.BatchNorm1d, tb.BatchNorm1d], ids=["torch.nn", "bnkit"])
