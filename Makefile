@@ -17,7 +17,7 @@ NOTEBOOKS = $$($(PY) tools/notebooks.py)
 PYTEST_ARGS ?=
 NBVAL_ARGS := --nbval --nbval-current-env --nbval-cell-timeout=600
 
-.PHONY: venv book test outputs exercises bench clean
+.PHONY: venv book test outputs exercises lab bench clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,15 @@ outputs: $(STAMP)
 
 exercises: $(STAMP)
 	$(PY) tools/make_exercises.py
+
+# Learners: open the learners' copies in JupyterLab, with .venv as the kernel. JupyterLab is
+# installed into .venv on first use (it is not needed to build or test the book); the copies
+# are written on first use only, so a second `make lab` keeps your answers.
+JUPYTERLAB := jupyterlab==4.6.6
+lab: $(STAMP)
+	$(PY) -c 'import jupyterlab' 2>/dev/null || $(PY) -m pip install $(JUPYTERLAB)
+	test -d exercises || $(PY) tools/make_exercises.py
+	$(PY) -m jupyterlab exercises/
 
 # bnkit vs PyTorch's kernels and a memory copy (CPU, and CUDA where present): prints a
 # Markdown table, writes benchmarks/results.json and machine.json. BENCH_ARGS=--suite-times

@@ -1,11 +1,13 @@
 """Fixtures shared by the book tests (test_book.py, test_links.py, test_browser.py).
 
 `book` builds the book once per pytest session, as `make book` does it
-(-W -n --keep-going), into a temporary directory, and is shared by every test
-that needs the HTML.
+(-W -n --keep-going), into a temporary directory (or, where $BNKIT_BOOK_OUT is set,
+into $BNKIT_BOOK_OUT/_build/html, so that CI publishes the very HTML the tests
+checked), and is shared by every test that needs the HTML.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ BUILD_TIMEOUT_S = 900
 @pytest.fixture(scope="session")
 def book(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """(the finished build process, the HTML folder)."""
-    out = tmp_path_factory.mktemp("book")
+    out = Path(os.environ["BNKIT_BOOK_OUT"]).resolve() if os.environ.get("BNKIT_BOOK_OUT") else tmp_path_factory.mktemp("book")
     proc = subprocess.run(
         [*JUPYTER_BOOK, "build", "-W", "-n", "--keep-going", "--builder", "html",
          "--path-output", str(out), str(REPO)],

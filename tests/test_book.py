@@ -55,3 +55,24 @@ def test_no_page_loads_anything_from_the_network(book):
             if tag.lower().startswith("<link") and not (rel and re.search(r"stylesheet|preload|icon|modulepreload", rel.group(1))):
                 continue  # e.g. <link rel="canonical">: not fetched
             pytest.fail(f"{page.relative_to(html)} fetches {url.group(1)}: {tag}")
+
+
+def test_exercises_are_numbered_as_in_the_learners_copies(book):
+    """The book numbers a chapter's exercises "Exercise <chapter>.<k>", k = 1, 2, ..., in page
+    order, the numbers the stubs of `make exercises` quote (tools/make_exercises.py)."""
+    _, html = book
+    import make_exercises  # tools/ is on sys.path (above)
+    import nbformat
+
+    numbered = 0
+    for source in toc_files():
+        if source.suffix != ".ipynb":
+            continue
+        page = (html / source.relative_to(REPO).with_suffix(".html")).read_text(encoding="utf-8")
+        shown = re.findall(r'<span class="caption-number">Exercise ([0-9.]+) </span>', page)
+        cells = nbformat.read(source, as_version=4).cells
+        n = sum(len(make_exercises.EXERCISE.findall(c.source)) for c in cells if c.cell_type == "markdown")
+        chapter = make_exercises.chapter_number(source)
+        assert shown == [f"{chapter}.{k}" for k in range(1, n + 1)], source.name
+        numbered += len(shown)
+    assert numbered >= 20
