@@ -19,6 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 # jupyter-book's console script, run by this interpreter.
 JUPYTER_BOOK = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())"]
 BUILD_TIMEOUT_S = 900
+# The build must need no network: every HTTP(S) request it might make goes to a closed port,
+# fails, and so shows up as a warning, which fails test_builds_without_warnings.
+_NOWHERE = "http://127.0.0.1:9"
+OFFLINE_ENV = {**os.environ, **{k: _NOWHERE for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")},
+               "no_proxy": "", "NO_PROXY": ""}
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +33,7 @@ def book(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     proc = subprocess.run(
         [*JUPYTER_BOOK, "build", "-W", "-n", "--keep-going", "--builder", "html",
          "--path-output", str(out), str(REPO)],
-        capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+        capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, env=OFFLINE_ENV,
     )
     return proc, out / "_build" / "html"
 
