@@ -115,47 +115,49 @@ def assert_exercise_layout(
     checker_module: str,
     name: str | None = None,
     first_line_only: bool = False,
-    hide_input: bool = False,
 ) -> str:
     """Check the cells after the exercise prompt nb.cells[i], and return the exercise's label.
 
-    They are: the solution cell (solution markers and a `# HINT:`), the check cell, which
-    grades the exercise's functions with `{checker_module}.<checker>(<function>)`, and the
-    explained solution, hidden in a dropdown `solution-start` ... `solution-end`.
+    They are: the opening of the gated solution (```` ```{solution-start} <label> ```` with
+    `:class: dropdown`), the solution cell (solution markers and a `# HINT:`), the explanation
+    that closes the gated solution (```` ```{solution-end} ````), and the check cell, which
+    grades the exercise's functions with `{checker_module}.<checker>(<function>)`. So the book
+    shows the solution code and its explanation in one collapsed dropdown.
     name: the function the exercise asks for (the solution cell must define it); None: every
     function the solution cell defines. first_line_only: the check must be on the check
-    cell's first line. hide_input: the solution cell must carry the `hide-input` tag.
+    cell's first line.
     """
     label = re.search(r":label: (\S+)", nb.cells[i].source)[1]
-    solution, check_cell, explained = nb.cells[i + 1 : i + 4]
+    start, solution, end, check_cell = nb.cells[i + 1 : i + 5]
+    assert start.cell_type == "markdown" and start.source.startswith(f"```{{solution-start}} {label}\n")
+    assert ":class: dropdown" in start.source and "solution-end" not in start.source
+    assert solution.cell_type == "code" and make_exercises.BEGIN in solution.source and "# HINT:" in solution.source
+    assert "hide-input" not in solution.metadata.get("tags", [])  # the dropdown hides it
     if name is not None:
         assert f"def {name}(" in solution.source
-    assert make_exercises.BEGIN in solution.source and "# HINT:" in solution.source
-    if hide_input:
-        assert "hide-input" in solution.metadata.get("tags", [])
-    if name is not None:
         names = [name]
     else:
         names = [n.name for n in ast.parse(solution.source).body if isinstance(n, ast.FunctionDef)]
+    assert end.cell_type == "markdown" and end.source.rstrip().endswith("```{solution-end}\n```")
+    assert check_cell.cell_type == "code"
     graded = check_cell.source.splitlines()[0] if first_line_only else check_cell.source
     for function in names:  # the check cell grades every function of the exercise
         assert re.search(rf"{checker_module}\.\w+\({function}\)", graded), function
-    assert f"```{{solution-start}} {label}" in explained.source and ":class: dropdown" in explained.source
-    assert "```{solution-end}" in explained.source
     return label
 
 
 def assert_check_cell_follows_each_solution(nb: nbformat.NotebookNode, names) -> None:
     """The notebook has one exercise per function in names (at least two), and the cell that
-    defines each function holds a solution with a hint, is followed by a code cell that
-    checks it, and then by the hidden solution."""
+    defines each function holds a solution with a hint, inside a gated dropdown solution
+    (solution-start before it, solution-end after it), followed by a code cell that checks it."""
     sources = [c.source for c in nb.cells]
     assert sum(len(make_exercises.EXERCISE.findall(s)) for s in sources) == len(names) >= 2
     for name in names:
         i = next(k for k, s in enumerate(sources) if f"def {name}(" in s)
         assert make_exercises.BEGIN in sources[i] and "# HINT:" in sources[i]
-        assert nb.cells[i + 1].cell_type == "code" and f"({name})" in sources[i + 1]  # the check cell
-        assert "solution-start" in sources[i + 2]
+        assert sources[i - 1].startswith("```{solution-start}") and ":class: dropdown" in sources[i - 1]
+        assert sources[i + 1].rstrip().endswith("```{solution-end}\n```")
+        assert nb.cells[i + 2].cell_type == "code" and f"({name})" in sources[i + 2]  # the check cell
 
 
 # ---------------------------------------------------------------- the learners' copy

@@ -9,8 +9,8 @@ every page of it is opened once. The tests below then check, over all pages:
 - no request to any host but 127.0.0.1 (the browser aborts them all);
 - every equation rendered by MathJax, no error, no TeX left raw in the text;
 - every image loaded;
-- every exercise solution collapsed, and opened by a click on the toggle button
-  of its title;
+- every exercise solution (its code and its explanation) collapsed, and opened by a click on the
+  toggle button of its title; one solution per exercise;
 - the "next" links, followed from index.html, reach every page of _toc.yml in order.
 
 A full-page screenshot of each page (and of each chapter with its solutions
@@ -131,6 +131,7 @@ class Visit:
     images: list[str] = field(default_factory=list)  # images that did not load
     solutions: list[str] = field(default_factory=list)  # solution problems
     n_solutions: int = 0
+    n_exercises: int = 0
 
 
 # In the page, once loaded: let MathJax finish, make lazy images load, wait for them all.
@@ -193,8 +194,11 @@ def _visit(page, base: str, name: str, html: Path, screenshots: Path) -> Visit:
 
     solutions = page.query_selector_all("div.solution")
     visit.n_solutions = len(solutions)
+    visit.n_exercises = len(page.query_selector_all("div.exercise"))
     for sol in solutions:
         label = sol.get_attribute("id") or "a solution"
+        if sol.query_selector("div.cell div.cell_input pre") is None:  # the gated solution holds the code cell
+            visit.solutions.append(f"{label} holds no solution code")
         if sol.evaluate(VISIBLE_JS):
             visit.solutions.append(f"{label} is open before any click")
             continue
@@ -327,6 +331,7 @@ def test_solutions_are_collapsed_and_open_on_click(visits):
         if "{solution-start}" in source or "{solution}" in source:
             name = nb.relative_to(REPO).with_suffix(".html").as_posix()
             assert visits[name].n_solutions > 0, f"{name}: the chapter has solutions but none was found on the page"
+            assert visits[name].n_solutions == visits[name].n_exercises, f"{name}: not one solution per exercise"
 
 
 def test_next_links_reach_every_chapter_in_order(browse):

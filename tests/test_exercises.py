@@ -238,6 +238,26 @@ def test_solutions_are_removed_from_markdown():
     assert make_exercises.strip_solutions(markdown) == "Before.\nBetween.\nAfter."
 
 
+def test_a_gated_solution_spanning_cells_leaves_only_the_stubbed_code():
+    """solution-start in one markdown cell, the code, solution-end with its explanation in the next."""
+    cells = [
+        nbformat.v4.new_markdown_cell("```{exercise} Do it\n:label: ex-a\n\nWrite f.\n```"),
+        nbformat.v4.new_markdown_cell("```{solution-start} ex-a\n:class: dropdown\n```"),
+        nbformat.v4.new_code_cell("def f():\n    ### BEGIN SOLUTION\n    # HINT: return 1\n    return 1\n    ### END SOLUTION"),
+        nbformat.v4.new_markdown_cell("It returns one.\n\n```{solution-end}\n```\nAfter the solution."),
+        nbformat.v4.new_code_cell("check(f)"),
+    ]
+    copy = make_exercises.learner_copy(nbformat.v4.new_notebook(cells=cells), "3")
+    assert [c.source for c in copy.cells] == [
+        cells[0].source,
+        'def f():\n    raise NotImplementedError("Exercise 3.1: return 1")',
+        "After the solution.",
+        "check(f)",
+    ]
+    with pytest.raises(make_exercises.SolutionMarkerError, match="no {solution-end}"):
+        make_exercises.learner_copy(nbformat.v4.new_notebook(cells=cells[:3]))
+
+
 def _run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(MAKE_EXERCISES), *args], capture_output=True, text=True, cwd=REPO)
 
@@ -279,7 +299,7 @@ def test_learners_copy_has_stubs_and_no_solutions_or_outputs(tmp_path):
     assert len(stubs) == len(CHECKERS) and set(stubs) == {"1", "2"}
     assert text.count("```{exercise}") == 2  # the prompts stay
     assert all(f"({name})" in code for name in CHECKERS)  # and the check cells
-    assert len(copy.cells) == len(nb.cells) - 2  # only the two solution cells are gone
+    assert len(copy.cells) == len(nb.cells) - 4  # only each exercise's two gate cells (its markdown) are gone
 
 
 def test_script_reads_the_real_toc(tmp_path):

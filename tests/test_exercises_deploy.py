@@ -77,7 +77,7 @@ def test_each_exercise_is_followed_by_its_check_and_a_hidden_solution(chapter):
     exercises = exercise_prompts(nb)
     assert len(exercises) >= 2
     for i in exercises:
-        assert_exercise_layout(nb, i, "check_deploy", first_line_only=True, hide_input=True)
+        assert_exercise_layout(nb, i, "check_deploy", first_line_only=True)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKERS))

@@ -10,8 +10,9 @@ included) become one stub at the marker's indentation,
 
 where 1 is the chapter number (the notebook's leading digits) and 2 counts the
 `{exercise}` directives so far. The sphinx-exercise solutions (`{solution-start}` ...
-`{solution-end}`, or a `{solution}` block) are removed from the markdown, and every
-output and execution count is cleared. A BEGIN with no END is an error (exit status 1).
+`{solution-end}`, also when they span cells, or a `{solution}` block) are removed from
+the markdown (the code cells inside a gated solution stay, as stubs), and every output,
+execution count is cleared. A BEGIN with no END is an error (exit status 1).
 """
 from __future__ import annotations
 
@@ -68,42 +69,59 @@ def stub_solutions(source: str, prefix: str = "") -> str:
     return "\n".join(out)
 
 
-def strip_solutions(markdown: str) -> str:
-    """Remove sphinx-exercise solutions from a markdown cell: gated ones and `{solution}` blocks."""
+_START, _END, _PLAIN = (re.compile(_FENCE % name) for name in ("solution-start", "solution-end", "solution"))
+
+
+def _strip(markdown: str, in_gate: bool) -> tuple[str, bool]:
+    """strip_solutions for one cell of a notebook whose gated solution may span cells: in_gate
+    says whether the cell starts inside a `{solution-start}` ... `{solution-end}` (the code cells
+    between them are kept, as stubs); returns the kept text and whether the cell ends inside one."""
     lines, out, i = markdown.splitlines(), [], 0
-    start, end, plain = (re.compile(_FENCE % name) for name in ("solution-start", "solution-end", "solution"))
+
+    def skip_directive(i: int, fence: str) -> int:  # from a directive's opening line past its closing fence
+        i += 1
+        while i < len(lines) and lines[i].strip() != fence:
+            i += 1
+        return i + 1
+
     while i < len(lines):
-        if start.match(lines[i]):  # skip to the end directive, then to its closing fence
-            j = i
-            while j < len(lines) and not end.match(lines[j]):
-                j += 1
-            if j == len(lines):
-                raise SolutionMarkerError("{solution-start} with no {solution-end} after it")
-            fence = end.match(lines[j])["fence"]
-            i = j + 1
-            while i < len(lines) and lines[i].strip() != fence:
-                i += 1
-            i += 1
-        elif m := plain.match(lines[i]):  # a fenced {solution} block
-            i += 1
-            while i < len(lines) and lines[i].strip() != m["fence"]:
-                i += 1
-            i += 1
+        if in_gate:
+            if m := _END.match(lines[i]):
+                i, in_gate = skip_directive(i, m["fence"]), False
+            else:
+                i += 1  # the solution's text
+        elif m := _START.match(lines[i]):
+            i, in_gate = skip_directive(i, m["fence"]), True
+        elif m := _PLAIN.match(lines[i]):  # a fenced {solution} block
+            i = skip_directive(i, m["fence"])
         else:
             out.append(lines[i])
             i += 1
-    return "\n".join(out).strip("\n")
+    return "\n".join(out).strip("\n"), in_gate
+
+
+def strip_solutions(markdown: str) -> str:
+    """Remove sphinx-exercise solutions from a markdown cell: gated ones and `{solution}` blocks."""
+    text, in_gate = _strip(markdown, False)
+    if in_gate:
+        raise SolutionMarkerError("{solution-start} with no {solution-end} after it")
+    return text
 
 
 def learner_copy(nb: nbformat.NotebookNode, chapter: str = "") -> nbformat.NotebookNode:
-    """A copy of the notebook with stubs for solutions, no solution text and no outputs."""
+    """A copy of the notebook with stubs for solutions, no solution text and no outputs.
+
+    A gated solution may span cells (solution-start in one markdown cell, the solution code
+    cell, solution-end and its explanation in the next markdown cell): the markdown between
+    the two goes, the code cell stays as a stub.
+    """
     nb = copy.deepcopy(nb)
-    cells, exercise = [], 0
+    cells, exercise, in_gate = [], 0, False
     for index, cell in enumerate(nb.cells):
         try:
             if cell.cell_type == "markdown":
                 exercise += len(EXERCISE.findall(cell.source))
-                cell.source = strip_solutions(cell.source)
+                cell.source, in_gate = _strip(cell.source, in_gate)
                 if not cell.source.strip():
                     continue  # the cell held only a solution
             elif cell.cell_type == "code":
@@ -113,6 +131,8 @@ def learner_copy(nb: nbformat.NotebookNode, chapter: str = "") -> nbformat.Noteb
         except SolutionMarkerError as e:
             raise SolutionMarkerError(f"cell {index}: {e}") from None
         cells.append(cell)
+    if in_gate:
+        raise SolutionMarkerError("{solution-start} with no {solution-end} after it")
     nb.cells = cells
     return nb
 
