@@ -282,6 +282,8 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch": torch.__version__,
+        # the SIMD level of PyTorch's CPU kernels (AVX2 or AVX512): it moves every torch figure
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "date": datetime.date.today().isoformat(),
         # how busy the machine was (other jobs slow both sides of a ratio alike)
         "load_average_1min": f"{os.getloadavg()[0]:.2f} at the end of the run",

@@ -302,7 +302,7 @@ class FoldedLinear(nn.Linear):
                 f"this Linear layer has a BatchNorm1d folded into it, which is valid for input (m, n) "
                 f"only (Linear acts on the last axis, BatchNorm1d on axis 1), got shape {tuple(x.shape)}"
             )
-        return super().forward(x)
+        return F.linear(x, self.weight, self.bias)
 
 
 def _as_folded_linear(layer: nn.Linear) -> FoldedLinear:
