@@ -49,7 +49,7 @@ JUPYTERLAB := jupyterlab==4.6.6
 lab: $(STAMP)
 	$(PY) -c 'import jupyterlab' 2>/dev/null || $(PY) -m pip install $(JUPYTERLAB)
 	test -d exercises || $(PY) tools/make_exercises.py
-	$(PY) -m jupyterlab exercises/
+	$(PY) -m jupyterlab $(if $(filter 0,$(shell id -u)),--allow-root) exercises/
 
 # bnkit vs PyTorch's kernels and a memory copy (CPU, and CUDA where present): prints a
 # Markdown table, writes benchmarks/results.json and machine.json. BENCH_ARGS=--suite-times
