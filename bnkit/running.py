@@ -23,7 +23,9 @@ the starting values do not matter.
 Exact whole-set statistics are merged from per-batch (count, mean, M2) with Chan et al.'s
 formula, in float64: ``batch_stats``, ``merge``, ``finalize``.
 
-All functions work on NumPy arrays and on torch tensors (they only use arithmetic).
+All functions work on NumPy arrays and on torch tensors: most only use arithmetic;
+``batch_stats`` and ``merge_all`` call the matching library (in place, and one stacked merge,
+to keep the number of small kernel calls down in ``recompute_stats``).
 """
 from __future__ import annotations
 

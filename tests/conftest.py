@@ -29,7 +29,8 @@ OFFLINE_ENV = {**os.environ, **{k: _NOWHERE for k in ("http_proxy", "https_proxy
 @pytest.fixture(scope="session")
 def book(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """(the finished build process, the HTML folder)."""
-    out = Path(os.environ["BNKIT_BOOK_OUT"]).resolve() if os.environ.get("BNKIT_BOOK_OUT") else tmp_path_factory.mktemp("book")
+    target = os.environ.get("BNKIT_BOOK_OUT")
+    out = Path(target).resolve() if target else tmp_path_factory.mktemp("book")
     proc = subprocess.run(
         [*JUPYTER_BOOK, "build", "-W", "-n", "--keep-going", "--builder", "html",
          "--path-output", str(out), str(REPO)],

@@ -11,8 +11,8 @@ included) become one stub at the marker's indentation,
 where 1 is the chapter number (the notebook's leading digits) and 2 counts the
 `{exercise}` directives so far. The sphinx-exercise solutions (`{solution-start}` ...
 `{solution-end}`, also when they span cells, or a `{solution}` block) are removed from
-the markdown (the code cells inside a gated solution stay, as stubs), and every output,
-execution count is cleared. A BEGIN with no END is an error (exit status 1).
+the markdown (the code cells inside a gated solution stay, as stubs), and every output
+and execution count is cleared. A BEGIN with no END is an error (exit status 1).
 """
 from __future__ import annotations
 
