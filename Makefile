@@ -25,7 +25,7 @@ venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install -r requirements.txt
-	$(PY) -m pip install --no-deps -e .
+	$(PY) -m pip install -e ".[course]"  # the library and the course extra (pinned above)
 	$(PY) -m pip check
 	touch $@
 

@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnkit import reference, torch_bn
-from bnkit.data import load_digits_split
-from bnkit.nets import mlp, train
+import bnkit
+from bnkit import reference
+from bnkit.course.data import load_digits_split
+from bnkit.course.nets import mlp, train
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -159,7 +160,7 @@ def module_figures(device: str, rounds: int) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(SHAPES["_conv"], generator=gen).to(device).requires_grad_()
     dy = torch.randn(SHAPES["_conv"], generator=gen).to(device)
-    ours, theirs = torch_bn.BatchNorm2d(64).to(device), nn.BatchNorm2d(64).to(device)
+    ours, theirs = bnkit.BatchNorm2d(64).to(device), nn.BatchNorm2d(64).to(device)
 
     def step(module):
         return lambda: torch.autograd.grad(module(z), (z, module.weight, module.bias), dy)
@@ -193,7 +194,7 @@ def model_figures(rounds: int) -> dict[str, float]:
     model = mlp(hidden=(256, 256), seed=0)
     train(model, X_train, y_train, epochs=2, seed=0)
     model.eval()
-    folded = torch_bn.fold_bn(model)
+    folded = bnkit.fold_bn(model)
     x1 = torch.as_tensor(X_test[:1])  # (1, 64): one example
     with torch.no_grad():
         r, t_folded, t_eval = ratio(lambda: folded(x1), lambda: model(x1), rounds, calls=50)
@@ -207,7 +208,7 @@ def model_figures(rounds: int) -> dict[str, float]:
             for b in batches:
                 model(b)
 
-    r, t_re, t_fwd = ratio(lambda: torch_bn.recompute_stats(work, batches), one_pass, rounds, calls=3)
+    r, t_re, t_fwd = ratio(lambda: bnkit.recompute_stats(work, batches), one_pass, rounds, calls=3)
     out.update(recompute_vs_forward=r, recompute_ms=1e3 * t_re, forward_pass_ms=1e3 * t_fwd)
     return out
 

@@ -1,9 +1,31 @@
-"""bnkit: Batch Normalization at test time, as code.
+"""bnkit: Batch Normalization at test time, as code (NumPy and PyTorch only).
 
-- ``bnkit.reference``: the five steps in NumPy, forward (train/test) and backward.
+The main entry points, importable from ``bnkit`` itself:
+
+- ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``: drop-in for ``torch.nn``'s, with a choice
+  of running estimator ("ema", "ema_debiased", "cumulative").
+- ``recompute_stats(model, batches)``: population statistics for every BN layer of a model
+  (``bn_layers(model)`` lists those layers, ``bn_names(model)`` names them).
+- ``fold_bn(model)``: a copy of a model for inference with BN folded into Linear/Conv layers.
+
+The modules, one job each:
+
+- ``bnkit.reference``: the five steps in NumPy, forward (train/test) and backward; the same
+  lines run on tensors.
 - ``bnkit.running``: exponentially weighted averages, momentum conventions and the
-  estimators of test-time statistics (EMA, bias-corrected EMA, cumulative, exact).
-- ``bnkit.torch_bn``: the same on tensors, drop-in BatchNorm modules,
-  ``recompute_stats`` and ``fold_bn``.
+  estimators of test-time statistics, mergeable (count, mean, M2).
+- ``bnkit.modules``, ``bnkit.population``, ``bnkit.folding``: the three above.
+- ``bnkit.distributed``: statistics merged exactly across processes (``torch.distributed``).
+- ``bnkit.recording``: what every BN layer sees and keeps at each training step.
+- ``bnkit.gradcheck``: gradient checks by finite differences.
+
+The course's helpers (``bnkit.course``: data, networks, plots, experiments) and the exercise
+checkers (``bnkit.checks``, one module per chapter) are not imported here; they need the
+``course`` extra (scikit-learn, matplotlib).
 """
+from bnkit.folding import fold_bn
+from bnkit.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnkit.population import bn_layers, bn_names, recompute_stats
+
 __version__ = "0.1.0"
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "recompute_stats", "bn_layers", "bn_names", "fold_bn"]

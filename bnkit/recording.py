@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bnkit import running
-from bnkit.torch_bn import bn_names
+from bnkit.population import bn_names
 
 
 class Trace(NamedTuple):

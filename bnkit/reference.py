@@ -10,7 +10,7 @@ z is (m, n): statistics per feature over the m examples; or (m, C, H, W): per ch
 over the m*H*W values. Per-feature vectors (mu, var, gamma, beta) have shape (n,) or (C,).
 
 The functions use only array methods and operators that NumPy arrays and torch tensors
-share, so ``bnkit.torch_bn`` runs these same lines on tensors (any device, autograd).
+share, so the PyTorch path (``bnkit.modules``, ``bnkit.folding``) runs these same lines on tensors (any device, autograd).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from bnkit._validate import (
     values_per_feature,
 )
 
-Array = Any  # a NumPy array, or a torch tensor when called from bnkit.torch_bn
+Array = Any  # a NumPy array, or a torch tensor when called on tensors
 
 
 def _per_feature(v: Array, ndim: int) -> Array:

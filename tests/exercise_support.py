@@ -23,7 +23,7 @@ from typing import Callable
 import nbformat
 import pytest
 
-from bnkit.check import ExerciseError
+from bnkit.checks._core import ExerciseError
 
 REPO = Path(__file__).resolve().parent.parent
 MAKE_EXERCISES = REPO / "tools" / "make_exercises.py"
@@ -190,7 +190,8 @@ def assert_only_the_checks_fail(copy: nbformat.NotebookNode, marker: str) -> tup
     marker, e.g. "check."), raised an error, each an ExerciseError saying "not implemented yet".
     Returns ({cell index: its error output}, the check cells' indices)."""
     errors = {i: o for i, c in enumerate(copy.cells) if c.cell_type == "code" for o in c.outputs if o.output_type == "error"}
-    checks = [i for i, c in enumerate(copy.cells) if c.cell_type == "code" and marker in c.source]
+    called = re.compile(rf"(?<![\w.]){re.escape(marker)}")  # "check." but not "gradcheck."
+    checks = [i for i, c in enumerate(copy.cells) if c.cell_type == "code" and called.search(c.source)]
     assert sorted(errors) == checks
     for output in errors.values():
         assert output.ename == "ExerciseError" and "not implemented yet" in output.evalue

@@ -16,7 +16,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bnkit import distributed as D
-from bnkit import running, torch_bn
+from bnkit.course import parallel as P
+import bnkit
+from bnkit import running
 
 SPLITS = {2: [(23, 7), (5,)], 3: [(17,), (4, 31, 9), (12, 12)]}  # batch sizes per rank (uneven)
 COUNTS = {2: [40, 13], 3: [40, 0, 26]}  # values per rank for all_reduce_stats (one rank empty)
@@ -27,7 +29,7 @@ def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(),
-        nn.Linear(6, 4), torch_bn.BatchNorm1d(4, momentum=0.3), nn.ReLU(), nn.Linear(4, 3),
+        nn.Linear(6, 4), bnkit.BatchNorm1d(4, momentum=0.3), nn.ReLU(), nn.Linear(4, 3),
     ).double()
 
 
@@ -120,7 +122,7 @@ def test_recompute_stats_distributed_equals_single_process_on_the_union(run, est
     _, data, results = run
     model = copy.deepcopy(data["model"]).train()
     union = [torch.as_tensor(b) for rank in data["batches"] for b in rank]
-    expected = torch_bn.recompute_stats(model, union, estimator, upstream)
+    expected = bnkit.recompute_stats(model, union, estimator, upstream)
     for r in results:
         returned, state, training = r[estimator, upstream]
         assert training and returned.keys() == expected.keys()
@@ -142,7 +144,7 @@ def test_errors_are_raised_on_every_rank(run):
 @pytest.mark.parametrize("broadcast_buffers", [False, True])
 def test_simulated_data_parallel_matches_real_ddp(run, broadcast_buffers):
     world_size, data, results = run
-    replicas, history = D.train_data_parallel(
+    replicas, history = P.train_data_parallel(
         copy.deepcopy(data["model"]).float(), data["shards"], DDP_STEPS, DDP_BATCH, DDP_LR, broadcast_buffers, seed=0
     )
     for rank, (r, replica) in enumerate(zip(results, replicas)):
@@ -155,12 +157,12 @@ def test_simulated_data_parallel_matches_real_ddp(run, broadcast_buffers):
 
 def test_spawn_reports_a_failing_rank():
     with pytest.raises(RuntimeError, match="rank 0 failed: ValueError: estimator must be"):
-        D.spawn(D.population_worker, 1, nn.Linear(2, 2), [[np.zeros((4, 2))]], "wrong estimator", timeout=60)
+        D.spawn(P.population_worker, 1, nn.Linear(2, 2), [[np.zeros((4, 2))]], "wrong estimator", timeout=60)
 
 
 def test_train_data_parallel_keeps_weights_identical():
     data = _data(2)
-    replicas, _ = D.train_data_parallel(data["model"].float(), data["shards"], 3, 8, 0.05)  # (a fresh model)
+    replicas, _ = P.train_data_parallel(data["model"].float(), data["shards"], 3, 8, 0.05)  # (a fresh model)
     for p, q in zip(replicas[0].parameters(), replicas[1].parameters()):
         assert torch.equal(p, q)
 
@@ -173,7 +175,7 @@ def test_spawn_tries_again_when_the_port_is_taken(monkeypatch):
         free = D._free_port
         monkeypatch.setattr(D, "_free_port", lambda: next(ports, None) or free())
         z = np.arange(6.0).reshape(3, 2).astype(np.float32)
-        (result,) = D.spawn(D.moments_worker, 1, [z], timeout=60)
+        (result,) = D.spawn(P.moments_worker, 1, [z], timeout=60)
     assert result["exact"][0] == 3
 
 
@@ -182,7 +184,7 @@ def test_spawn_gives_each_process_its_own_copy_of_its_arguments():
     them, or every rank (and the caller) would write the same Batch Norm buffers."""
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    results = D.spawn(D.population_worker, 2, model, _data(2)["batches"], timeout=60)
+    results = D.spawn(P.population_worker, 2, model, _data(2)["batches"], timeout=60)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"a rank changed the caller's {k}"
     for name in results[0]:  # and the ranks agree with each other

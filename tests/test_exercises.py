@@ -15,9 +15,9 @@ import nbformat
 import numpy as np
 import pytest
 
-from bnkit import check
 from bnkit import reference as ref
-from bnkit.check import Case, ExerciseError
+from bnkit.checks import ch01_five_steps
+from bnkit.checks._core import Case, ExerciseError, check_function
 
 pytest.register_assert_rewrite("exercise_support")
 from exercise_support import (  # noqa: E402
@@ -43,11 +43,11 @@ CHAPTER = REPO / "chapters" / "01_five_steps.ipynb"
 
 # Every function a learner writes in a chapter, and the checker that grades it.
 CHECKERS = {
-    "my_batch_mean": check.batch_mean,
-    "my_center": check.center,
-    "my_batch_variance": check.batch_variance,
-    "my_normalize": check.normalize,
-    "my_scale_shift": check.scale_shift,
+    "my_batch_mean": ch01_five_steps.batch_mean,
+    "my_center": ch01_five_steps.center,
+    "my_batch_variance": ch01_five_steps.batch_variance,
+    "my_normalize": ch01_five_steps.normalize,
+    "my_scale_shift": ch01_five_steps.scale_shift,
 }
 
 
@@ -99,31 +99,31 @@ VEC = lambda v, z: v.reshape((1, -1) + (1,) * (z.ndim - 2))  # noqa: E731
 
 WRONG = [
     # step 1
-    (check.batch_mean, lambda z: z.mean(axis=1), "wrong axis"),
-    (check.batch_mean, lambda z: z.mean(axis=0), "over the batch axis only"),  # fine for (m, n), not 4-D
-    (check.batch_mean, lambda z: z.mean(axis=AXES(z), keepdims=True), "drop keepdims"),
-    (check.batch_mean, lambda z: z.sum(axis=AXES(z)), "did not divide by m"),
-    (check.batch_mean, lambda z: z.mean(), "one mean of all the values"),
+    (ch01_five_steps.batch_mean, lambda z: z.mean(axis=1), "wrong axis"),
+    (ch01_five_steps.batch_mean, lambda z: z.mean(axis=0), "over the batch axis only"),  # fine for (m, n), not 4-D
+    (ch01_five_steps.batch_mean, lambda z: z.mean(axis=AXES(z), keepdims=True), "drop keepdims"),
+    (ch01_five_steps.batch_mean, lambda z: z.sum(axis=AXES(z)), "did not divide by m"),
+    (ch01_five_steps.batch_mean, lambda z: z.mean(), "one mean of all the values"),
     # step 2
-    (check.center, lambda z, mu: VEC(mu, z) - z, "wrong sign"),
-    (check.center, lambda z, mu: z + VEC(mu, z), "you added mu"),
-    (check.center, lambda z, mu: z - z.mean(axis=1, keepdims=True), "each example's own mean"),
-    (check.center, lambda z, mu: z - mu, "your function raised ValueError: operands could not be broadcast"),
+    (ch01_five_steps.center, lambda z, mu: VEC(mu, z) - z, "wrong sign"),
+    (ch01_five_steps.center, lambda z, mu: z + VEC(mu, z), "you added mu"),
+    (ch01_five_steps.center, lambda z, mu: z - z.mean(axis=1, keepdims=True), "each example's own mean"),
+    (ch01_five_steps.center, lambda z, mu: z - mu, "your function raised ValueError: operands could not be broadcast"),
     # step 3
-    (check.batch_variance, lambda x: x.var(axis=AXES(x), ddof=1), "you divided by m-1: at training time BN uses the biased 1/m"),
-    (check.batch_variance, lambda x: x.std(axis=AXES(x)), "standard deviation"),
-    (check.batch_variance, lambda x: x.mean(axis=AXES(x)), "square each value"),
-    (check.batch_variance, lambda x: (x**2).mean(axis=1), "wrong axis"),
+    (ch01_five_steps.batch_variance, lambda x: x.var(axis=AXES(x), ddof=1), "you divided by m-1: at training time BN uses the biased 1/m"),
+    (ch01_five_steps.batch_variance, lambda x: x.std(axis=AXES(x)), "standard deviation"),
+    (ch01_five_steps.batch_variance, lambda x: x.mean(axis=AXES(x)), "square each value"),
+    (ch01_five_steps.batch_variance, lambda x: (x**2).mean(axis=1), "wrong axis"),
     # step 4
-    (check.normalize, lambda x, var, eps: x / (np.sqrt(VEC(var, x)) + eps), "eps belongs inside the square root"),
-    (check.normalize, lambda x, var, eps: x / np.sqrt(VEC(var, x)), "you left out eps"),
-    (check.normalize, lambda x, var, eps: x / VEC(var + eps, x), "divided by the variance"),
+    (ch01_five_steps.normalize, lambda x, var, eps: x / (np.sqrt(VEC(var, x)) + eps), "eps belongs inside the square root"),
+    (ch01_five_steps.normalize, lambda x, var, eps: x / np.sqrt(VEC(var, x)), "you left out eps"),
+    (ch01_five_steps.normalize, lambda x, var, eps: x / VEC(var + eps, x), "divided by the variance"),
     # step 5
-    (check.scale_shift, lambda x, g, b: VEC(b, x) * x + VEC(g, x), "gamma and beta are swapped"),
-    (check.scale_shift, lambda x, g, b: VEC(g, x) * x, "you left out beta"),
-    (check.scale_shift, lambda x, g, b: VEC(g, x) * (x + VEC(b, x)), "beta is added after scaling"),
+    (ch01_five_steps.scale_shift, lambda x, g, b: VEC(b, x) * x + VEC(g, x), "gamma and beta are swapped"),
+    (ch01_five_steps.scale_shift, lambda x, g, b: VEC(g, x) * x, "you left out beta"),
+    (ch01_five_steps.scale_shift, lambda x, g, b: VEC(g, x) * (x + VEC(b, x)), "beta is added after scaling"),
     # steps 1-5 at once
-    (check.forward_train, lambda z, g, b, eps: ref.forward_train(z - z.mean(axis=1, keepdims=True), g, b, eps)[0], "wrong values"),
+    (ch01_five_steps.forward_train, lambda z, g, b, eps: ref.forward_train(z - z.mean(axis=1, keepdims=True), g, b, eps)[0], "wrong values"),
 ]
 
 
@@ -141,7 +141,7 @@ def test_a_learners_exception_is_reported_without_bnkit_traceback():
         return z.mean(axis=(0, 2, 3))  # right for 4-D, fails on (m, n)
 
     with pytest.raises(ExerciseError) as info:
-        check.batch_mean(my_batch_mean)
+        ch01_five_steps.batch_mean(my_batch_mean)
     message = str(info.value)
     assert message.startswith("batch_mean: your function raised AxisError")
     assert "return z.mean(axis=(0, 2, 3))" in message  # the learner's own line
@@ -151,22 +151,22 @@ def test_a_learners_exception_is_reported_without_bnkit_traceback():
 
 def test_returning_none_and_wrong_types_are_explained():
     with pytest.raises(ExerciseError, match="forget `return`"):
-        check.batch_variance(lambda z_new: None)
+        ch01_five_steps.batch_variance(lambda z_new: None)
     with pytest.raises(ExerciseError, match="returned str, not an array of numbers"):
-        check.batch_mean(lambda z: "mu")
+        ch01_five_steps.batch_mean(lambda z: "mu")
     with pytest.raises(ExerciseError, match="expected a function"):
-        check.batch_variance(3.0)
+        ch01_five_steps.batch_variance(3.0)
 
 
 def test_learner_may_return_a_torch_tensor_or_modify_its_input():
     torch = pytest.importorskip("torch")
-    check.batch_mean(lambda z: torch.as_tensor(z).mean(dim=AXES(z)))
+    ch01_five_steps.batch_mean(lambda z: torch.as_tensor(z).mean(dim=AXES(z)))
 
     def in_place(z, mu):
         z -= VEC(mu, z)  # changes the checker's copy only
         return z
 
-    check.center(in_place)
+    ch01_five_steps.center(in_place)
 
 
 def test_exercise_error_is_an_assertion_error():
@@ -174,17 +174,17 @@ def test_exercise_error_is_an_assertion_error():
 
 
 def test_forward_train_checker_accepts_the_reference():
-    check.forward_train(ref.forward_train)  # returns (z_tilde, cache): the checker takes z_tilde
+    ch01_five_steps.forward_train(ref.forward_train)  # returns (z_tilde, cache): the checker takes z_tilde
 
 
 def test_a_new_checker_is_a_few_lines(capsys):
     """check_function grades any function against a reference with a list of diagnoses."""
     cases = [Case("z of shape (3, 2)", (np.arange(6.0).reshape(3, 2),))]
     diagnoses = [(lambda z: z.sum(axis=0), "you summed: take the mean")]
-    check.check_function("column_mean", lambda z: z.mean(axis=0), lambda z: z.mean(axis=0), cases, diagnoses)
+    check_function("column_mean", lambda z: z.mean(axis=0), lambda z: z.mean(axis=0), cases, diagnoses)
     assert capsys.readouterr().out == "✓ column_mean: correct on 1 test cases\n"
     with pytest.raises(ExerciseError, match="column_mean: you summed: take the mean"):
-        check.check_function("column_mean", lambda z: z.sum(axis=0), lambda z: z.mean(axis=0), cases, diagnoses)
+        check_function("column_mean", lambda z: z.sum(axis=0), lambda z: z.mean(axis=0), cases, diagnoses)
 
 
 # ---------------------------------------------------------------- tools/make_exercises.py

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bnkit import check_deploy
 from bnkit import reference as ref
-from bnkit.check import ExerciseError
+from bnkit.checks import ch07_backprop, ch08_folding
+from bnkit.checks._core import ExerciseError
 
 pytest.register_assert_rewrite("exercise_support")
 from exercise_support import (  # noqa: E402
@@ -36,10 +36,10 @@ CHAPTERS = {
 
 # Every function a learner writes in these chapters: (chapter, checker).
 CHECKERS = {
-    "my_backward": ("07", check_deploy.backward),
-    "my_directional_error": ("07", check_deploy.directional_error),
-    "my_fold_linear": ("08", check_deploy.fold_linear),
-    "my_fold_conv": ("08", check_deploy.fold_conv),
+    "my_backward": ("07", ch07_backprop.backward),
+    "my_directional_error": ("07", ch07_backprop.directional_error),
+    "my_fold_linear": ("08", ch08_folding.fold_linear),
+    "my_fold_conv": ("08", ch08_folding.fold_conv),
 }
 
 
@@ -77,7 +77,7 @@ def test_each_exercise_is_followed_by_its_check_and_a_hidden_solution(chapter):
     exercises = exercise_prompts(nb)
     assert len(exercises) >= 2
     for i in exercises:
-        assert_exercise_layout(nb, i, "check_deploy", first_line_only=True)
+        assert_exercise_layout(nb, i, "check", first_line_only=True)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKERS))
@@ -98,8 +98,8 @@ def test_reference_passes(name):
     reference = {
         "my_backward": ref.backward,
         "my_directional_error": __import__("bnkit.gradcheck", fromlist=["x"]).directional_error,
-        "my_fold_linear": check_deploy._fold_reference,
-        "my_fold_conv": check_deploy._fold_reference,
+        "my_fold_linear": ch08_folding._fold_reference,
+        "my_fold_conv": ch08_folding._fold_reference,
     }[name]
     CHECKERS[name][1](reference)
 
@@ -152,7 +152,7 @@ WRONG_BACKWARD = [
 
 @pytest.mark.parametrize("wrong, message", WRONG_BACKWARD, ids=[m[:30] for _, m in WRONG_BACKWARD])
 def test_typical_wrong_backward_is_diagnosed(wrong, message):
-    assert message in diagnosis(check_deploy.backward, wrong)
+    assert message in diagnosis(ch07_backprop.backward, wrong)
 
 
 def test_a_wrong_dz_that_does_not_sum_to_zero_gets_a_note():
@@ -161,17 +161,17 @@ def test_a_wrong_dz_that_does_not_sum_to_zero_gets_a_note():
         return dz + 0.1, dgamma, dbeta
 
     with pytest.raises(ExerciseError, match="does not sum to 0 over the batch"):
-        check_deploy.backward(backward)
+        ch07_backprop.backward(backward)
 
 
 def test_backward_checker_uses_random_upstream_gradients():
     """The trap the chapter is about: the checker's dz_tilde are not all ones, so dz != 0."""
-    for case in check_deploy._backward_cases(0):
+    for case in ch07_backprop._backward_cases(0):
         dz_tilde, cache = case.args
         assert np.ptp(dz_tilde) > 1
         if dz_tilde.size // dz_tilde.shape[1] > 2:  # with 2 values per feature z_norm = +-1: dz ~ eps
             assert np.abs(ref.backward(dz_tilde, cache)[0]).max() > 1e-3
-    shapes = [case.args[0].shape for case in check_deploy._backward_cases(0)]
+    shapes = [case.args[0].shape for case in ch07_backprop._backward_cases(0)]
     assert any(len(s) == 4 for s in shapes) and any(len(s) == 2 for s in shapes)
 
 
@@ -181,7 +181,7 @@ def test_backward_checker_does_not_let_the_learner_corrupt_the_cache():
         cache.z_norm[...] = 0  # vandalism on the learner's copy
         return out
 
-    check_deploy.backward(in_place)
+    ch07_backprop.backward(in_place)
 
 
 # ---------------------------------------------------------------- typical wrong answers: directional check
@@ -224,7 +224,7 @@ WRONG_DIRECTIONAL = [
 
 @pytest.mark.parametrize("wrong, message", WRONG_DIRECTIONAL, ids=[m[:30] for _, m in WRONG_DIRECTIONAL])
 def test_typical_wrong_directional_check_is_diagnosed(wrong, message):
-    assert message in diagnosis(check_deploy.directional_error, wrong)
+    assert message in diagnosis(ch07_backprop.directional_error, wrong)
 
 
 def test_directional_check_with_absolute_error_is_caught():
@@ -233,7 +233,7 @@ def test_directional_check_with_absolute_error_is_caught():
         return abs((f(x + h * v) - f(x - h * v)) / (2 * h) - np.sum(grad * v))  # not relative
 
     with pytest.raises(ExerciseError, match="1.5 times too large"):
-        check_deploy.directional_error(absolute)
+        ch07_backprop.directional_error(absolute)
 
 
 # ---------------------------------------------------------------- typical wrong answers: folding
@@ -253,15 +253,15 @@ def _fold(eps_outside=False, subtract_mean=True, rows=True, scale_b=True):
 
 
 WRONG_FOLD = [
-    (check_deploy.fold_linear, _fold(eps_outside=True), "eps belongs inside the square root"),
-    (check_deploy.fold_linear, _fold(subtract_mean=False), "you forgot to subtract the mean from the bias"),
-    (check_deploy.fold_linear, _fold(rows=False), "you scaled the columns (inputs) instead of the rows"),
-    (check_deploy.fold_linear, _fold(scale_b=False), "the layer's own bias b passes through BN too"),
-    (check_deploy.fold_linear, lambda W, b, g, be, mu, var, eps: W, "return a tuple of 2 arrays"),
-    (check_deploy.fold_conv, _fold(rows=False), "you scaled the input channels (axis 1) instead of the output channels"),
-    (check_deploy.fold_conv, _fold(eps_outside=True), "eps belongs inside the square root"),
-    (check_deploy.fold_conv, _fold(subtract_mean=False), "you forgot to subtract the mean from the bias"),
-    (check_deploy.fold_conv,
+    (ch08_folding.fold_linear, _fold(eps_outside=True), "eps belongs inside the square root"),
+    (ch08_folding.fold_linear, _fold(subtract_mean=False), "you forgot to subtract the mean from the bias"),
+    (ch08_folding.fold_linear, _fold(rows=False), "you scaled the columns (inputs) instead of the rows"),
+    (ch08_folding.fold_linear, _fold(scale_b=False), "the layer's own bias b passes through BN too"),
+    (ch08_folding.fold_linear, lambda W, b, g, be, mu, var, eps: W, "return a tuple of 2 arrays"),
+    (ch08_folding.fold_conv, _fold(rows=False), "you scaled the input channels (axis 1) instead of the output channels"),
+    (ch08_folding.fold_conv, _fold(eps_outside=True), "eps belongs inside the square root"),
+    (ch08_folding.fold_conv, _fold(subtract_mean=False), "you forgot to subtract the mean from the bias"),
+    (ch08_folding.fold_conv,
      lambda W, b, g, be, mu, var, eps: (g / np.sqrt(var + eps) * W, (b - mu) * g / np.sqrt(var + eps) + be),
      "your function raised ValueError"),  # s lined up with the last axis: broadcasting fails on (8, 1, 5, 5)
 ]
@@ -275,18 +275,18 @@ def test_typical_wrong_fold_is_diagnosed(checker, wrong, message):
 
 def test_every_checker_has_at_least_two_diagnosed_mistakes():
     counts = {
-        check_deploy.backward: len(WRONG_BACKWARD),
-        check_deploy.directional_error: len(WRONG_DIRECTIONAL),
-        check_deploy.fold_linear: sum(c is check_deploy.fold_linear for c, _, _ in WRONG_FOLD),
-        check_deploy.fold_conv: sum(c is check_deploy.fold_conv for c, _, _ in WRONG_FOLD),
+        ch07_backprop.backward: len(WRONG_BACKWARD),
+        ch07_backprop.directional_error: len(WRONG_DIRECTIONAL),
+        ch08_folding.fold_linear: sum(c is ch08_folding.fold_linear for c, _, _ in WRONG_FOLD),
+        ch08_folding.fold_conv: sum(c is ch08_folding.fold_conv for c, _, _ in WRONG_FOLD),
     }
     assert all(n >= 2 for n in counts.values())
 
 
 def test_fold_reference_agrees_with_torch_fold_bn():
-    """The checkers' reference fold is what bnkit.torch_bn.fold_bn does to a Linear + BN pair."""
+    """The checkers' reference fold is what bnkit.fold_bn does to a Linear + BN pair."""
     torch = pytest.importorskip("torch")
-    from bnkit.torch_bn import fold_bn
+    from bnkit.folding import fold_bn
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4)).double()
@@ -297,7 +297,7 @@ def test_fold_reference_agrees_with_torch_fold_bn():
         model[1].bias.normal_()
     folded = fold_bn(model)
     lin, bn = model
-    W, b = check_deploy._fold_reference(
+    W, b = ch08_folding._fold_reference(
         lin.weight.detach().numpy(), lin.bias.detach().numpy(), bn.weight.detach().numpy(),
         bn.bias.detach().numpy(), bn.running_mean.numpy(), bn.running_var.numpy(), bn.eps,
     )
@@ -313,4 +313,4 @@ def test_fold_reference_agrees_with_torch_fold_bn():
 def test_learners_copy_runs_and_only_the_checks_fail(chapter):
     """In the learners' copy every cell runs except the check cells, which say 'not implemented'."""
     copy = run_learner_copy(_notebook(chapter), str(int(chapter)), CHAPTERS[chapter].parent)
-    assert_only_the_checks_fail(copy, "check_deploy.")
+    assert_only_the_checks_fail(copy, "check.")

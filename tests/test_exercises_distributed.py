@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from bnkit import check_distributed
-from bnkit.check import ExerciseError
+from bnkit.checks import ch09_distributed
+from bnkit.checks._core import ExerciseError
 from bnkit.running import BatchStats
 
 pytest.register_assert_rewrite("exercise_support")
@@ -33,8 +33,8 @@ CHAPTER = REPO / "chapters" / "09_distributed.ipynb"
 
 # every function a learner writes in the chapter, and its checker, in the order of the exercises
 CHECKERS = {
-    "my_merge": check_distributed.merge,
-    "my_combine_variances": check_distributed.combine_variances,
+    "my_merge": ch09_distributed.merge,
+    "my_combine_variances": ch09_distributed.combine_variances,
 }
 
 
@@ -71,7 +71,7 @@ def test_every_exercise_has_a_checker_a_check_cell_and_a_hidden_solution():
     exercises = exercise_prompts(nb)
     assert len(exercises) == len(CHECKERS) >= 2
     for i, name in zip(exercises, CHECKERS):
-        assert_exercise_layout(nb, i, "check_distributed", name)
+        assert_exercise_layout(nb, i, "check", name)
 
 
 def test_learner_copy_has_no_solutions():
@@ -168,20 +168,20 @@ def combine_raw_sums(counts, means, variances):
 
 
 WRONG = [
-    (check_distributed.merge, merge_unweighted_mean, "you averaged the means without weighting by count"),
-    (check_distributed.merge, merge_no_between_term, "you forgot the between-group term delta^2 * n_a * n_b / n"),
-    (check_distributed.merge, merge_between_not_divided, "you did not divide by n = n_a + n_b"),
-    (check_distributed.merge, merge_returns_variance, "you returned the variance M2 / n"),
-    (check_distributed.merge, merge_swapped_weights, "the weights are swapped"),
-    (check_distributed.merge, merge_raw_sums, "values near 1e6: wrong values"),
-    (check_distributed.merge, lambda a, b: [a.count + b.count, a.mean, a.m2], "return BatchStats(count, mean, m2)"),
-    (check_distributed.merge, lambda a, b: BatchStats((a.count + b.count) / 2, a.mean, a.m2), "you averaged the counts"),
-    (check_distributed.combine_variances, combine_average, "you averaged the workers' variances"),
-    (check_distributed.combine_variances, combine_weighted_average, "you weighted the variances by count"),
-    (check_distributed.combine_variances, combine_biased, "you divided by N: the unbiased variance"),
-    (check_distributed.combine_variances, combine_n_times_var, "you used n_k * var_k"),
-    (check_distributed.combine_variances, combine_unweighted_global_mean, "not the plain average of the worker means"),
-    (check_distributed.combine_variances, combine_raw_sums, "values near 1e8: wrong values"),
+    (ch09_distributed.merge, merge_unweighted_mean, "you averaged the means without weighting by count"),
+    (ch09_distributed.merge, merge_no_between_term, "you forgot the between-group term delta^2 * n_a * n_b / n"),
+    (ch09_distributed.merge, merge_between_not_divided, "you did not divide by n = n_a + n_b"),
+    (ch09_distributed.merge, merge_returns_variance, "you returned the variance M2 / n"),
+    (ch09_distributed.merge, merge_swapped_weights, "the weights are swapped"),
+    (ch09_distributed.merge, merge_raw_sums, "values near 1e6: wrong values"),
+    (ch09_distributed.merge, lambda a, b: [a.count + b.count, a.mean, a.m2], "return BatchStats(count, mean, m2)"),
+    (ch09_distributed.merge, lambda a, b: BatchStats((a.count + b.count) / 2, a.mean, a.m2), "you averaged the counts"),
+    (ch09_distributed.combine_variances, combine_average, "you averaged the workers' variances"),
+    (ch09_distributed.combine_variances, combine_weighted_average, "you weighted the variances by count"),
+    (ch09_distributed.combine_variances, combine_biased, "you divided by N: the unbiased variance"),
+    (ch09_distributed.combine_variances, combine_n_times_var, "you used n_k * var_k"),
+    (ch09_distributed.combine_variances, combine_unweighted_global_mean, "not the plain average of the worker means"),
+    (ch09_distributed.combine_variances, combine_raw_sums, "values near 1e8: wrong values"),
 ]
 
 
@@ -200,21 +200,21 @@ def test_every_exercise_has_two_diagnosed_mistakes():
 
 
 def test_merge_accepts_tensors_and_a_learner_that_modifies_its_inputs(capsys):
-    check_distributed.merge(merge_torch)
+    ch09_distributed.merge(merge_torch)
 
     def in_place(a, b):
         expected = BatchStats(_n(a, b), _right_mean(a, b), _right_m2(a, b))
         a.mean[:] = 0  # changes the checker's copy only
         return expected
 
-    check_distributed.merge(in_place)
+    ch09_distributed.merge(in_place)
     assert capsys.readouterr().out.count("✓") == 2
 
 
 def test_learner_errors_are_explained():
     with pytest.raises(ExerciseError, match="did you forget `return`"):
-        check_distributed.merge(lambda a, b: None)
+        ch09_distributed.merge(lambda a, b: None)
     with pytest.raises(ExerciseError, match="your function raised AttributeError"):
-        check_distributed.merge(lambda a, b: a.variance)
+        ch09_distributed.merge(lambda a, b: a.variance)
     with pytest.raises(ExerciseError, match="expected a function"):
-        check_distributed.combine_variances(np.zeros(3))
+        ch09_distributed.combine_variances(np.zeros(3))

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from bnkit import check_ewa
-from bnkit.check import ExerciseError
+from bnkit.checks import ch02_test_time_problem, ch03_ewa
+from bnkit.checks._core import ExerciseError
 
 pytest.register_assert_rewrite("exercise_support")
 from exercise_support import (  # noqa: E402
@@ -36,13 +36,13 @@ CHAPTERS = {
 # chapter -> {function a learner writes: its checker}, in the order of the exercises
 CHECKERS = {
     "02_test_time_problem": {
-        "my_predict_with_batch_stats": check_ewa.predict_with_batch_stats,
-        "my_fraction_changed": check_ewa.fraction_changed,
+        "my_predict_with_batch_stats": ch02_test_time_problem.predict_with_batch_stats,
+        "my_fraction_changed": ch02_test_time_problem.fraction_changed,
     },
     "03_ewa": {
-        "my_ema": check_ewa.ema,
-        "my_convert_momentum": check_ewa.convert_momentum,
-        "my_debiased_weight": check_ewa.debiased_weight,
+        "my_ema": ch03_ewa.ema,
+        "my_convert_momentum": ch03_ewa.convert_momentum,
+        "my_debiased_weight": ch03_ewa.debiased_weight,
     },
 }
 EXERCISES = [(chapter, name) for chapter, names in CHECKERS.items() for name in names]
@@ -111,7 +111,7 @@ def predict_whole_set(model, X, batch_size):
 
 
 def _predict(model, X, batch_size):
-    from bnkit.testtime import predict_with_batch_stats
+    from bnkit.course.testtime import predict_with_batch_stats
 
     return predict_with_batch_stats(model, X, batch_size)
 
@@ -187,21 +187,21 @@ def weight_cumulative(t, momentum):
 
 
 WRONG = [
-    (check_ewa.predict_with_batch_stats, predict_on_the_model_itself, "changed the model"),
-    (check_ewa.predict_with_batch_stats, predict_in_eval_mode, "eval-mode ones, made with the running statistics"),
-    (check_ewa.predict_with_batch_stats, predict_logits, "you returned the logits"),
-    (check_ewa.predict_with_batch_stats, predict_whole_set, "all of X as one batch"),
-    (check_ewa.fraction_changed, changed_without_unpermuting, "without putting them back in X's order"),
-    (check_ewa.fraction_changed, changed_permuted_twice, "applies the permutation a second time"),
-    (check_ewa.fraction_changed, changed_count, "how many predictions changed"),
-    (check_ewa.ema, ema_fed_back, "fed the corrected value back into the recursion"),
-    (check_ewa.ema, ema_swapped, "your beta weights the new value"),
-    (check_ewa.ema, ema_starts_at_first_value, r"v_0 = theta_1"),
-    (check_ewa.convert_momentum, convert_unchanged, "returned the momentum unchanged"),
-    (check_ewa.convert_momentum, convert_always_flip, "between them nothing changes"),
-    (check_ewa.debiased_weight, weight_uncorrected, "uncorrected weight"),
-    (check_ewa.debiased_weight, weight_keras_beta, "Keras's convention"),
-    (check_ewa.debiased_weight, weight_cumulative, "cumulative average"),
+    (ch02_test_time_problem.predict_with_batch_stats, predict_on_the_model_itself, "changed the model"),
+    (ch02_test_time_problem.predict_with_batch_stats, predict_in_eval_mode, "eval-mode ones, made with the running statistics"),
+    (ch02_test_time_problem.predict_with_batch_stats, predict_logits, "you returned the logits"),
+    (ch02_test_time_problem.predict_with_batch_stats, predict_whole_set, "all of X as one batch"),
+    (ch02_test_time_problem.fraction_changed, changed_without_unpermuting, "without putting them back in X's order"),
+    (ch02_test_time_problem.fraction_changed, changed_permuted_twice, "applies the permutation a second time"),
+    (ch02_test_time_problem.fraction_changed, changed_count, "how many predictions changed"),
+    (ch03_ewa.ema, ema_fed_back, "fed the corrected value back into the recursion"),
+    (ch03_ewa.ema, ema_swapped, "your beta weights the new value"),
+    (ch03_ewa.ema, ema_starts_at_first_value, r"v_0 = theta_1"),
+    (ch03_ewa.convert_momentum, convert_unchanged, "returned the momentum unchanged"),
+    (ch03_ewa.convert_momentum, convert_always_flip, "between them nothing changes"),
+    (ch03_ewa.debiased_weight, weight_uncorrected, "uncorrected weight"),
+    (ch03_ewa.debiased_weight, weight_keras_beta, "Keras's convention"),
+    (ch03_ewa.debiased_weight, weight_cumulative, "cumulative average"),
 ]
 
 
@@ -217,4 +217,4 @@ def test_error_inside_learner_code_is_reported_not_raised():
         return values @ np.ones(7)  # a shape error in the learner's own code
 
     with pytest.raises(ExerciseError, match="your function raised ValueError"):
-        check_ewa.ema(broken)
+        ch03_ewa.ema(broken)

@@ -13,8 +13,8 @@ import pytest
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnkit import check_pitfalls
-from bnkit.check import ExerciseError
+from bnkit.checks import ch10_pitfalls
+from bnkit.checks._core import ExerciseError
 
 pytest.register_assert_rewrite("exercise_support")
 from exercise_support import (  # noqa: E402
@@ -38,8 +38,8 @@ CHAPTER = REPO / "chapters" / "10_pitfalls.ipynb"
 
 # function a learner writes -> its checker, in the order of the exercises
 CHECKERS = {
-    "my_batch_stat_layers": check_pitfalls.batch_stat_layers,
-    "my_stable_variance": check_pitfalls.stable_variance,
+    "my_batch_stat_layers": ch10_pitfalls.batch_stat_layers,
+    "my_stable_variance": ch10_pitfalls.stable_variance,
 }
 
 
@@ -72,7 +72,7 @@ def test_each_exercise_has_its_check_cell_and_a_hidden_solution():
     exercises = exercise_prompts(nb, make_exercises.EXERCISE)
     assert len(exercises) == len(CHECKERS) >= 2
     for i, name in zip(exercises, CHECKERS):
-        label = assert_exercise_layout(nb, i, "check_pitfalls", name)
+        label = assert_exercise_layout(nb, i, "check", name)
         assert label.startswith("ex-pit-")
 
 
@@ -151,20 +151,20 @@ def variance_per_example(z):
 
 
 WRONG = [
-    (check_pitfalls.batch_stat_layers, layers_from_model_flag, "you looked at model.training"),
-    (check_pitfalls.batch_stat_layers, layers_any_training, "you listed every module in training mode"),
-    (check_pitfalls.batch_stat_layers, layers_only_1d, "you only looked for BatchNorm1d"),
-    (check_pitfalls.batch_stat_layers, layers_exact_type, "you compared type(m)"),
-    (check_pitfalls.batch_stat_layers, layers_ignore_track_running_stats, "track_running_stats=False"),
-    (check_pitfalls.batch_stat_layers, layers_top_level, "only looked at the top-level layers"),
-    (check_pitfalls.batch_stat_layers, layers_as_modules, "not the modules themselves"),
-    (check_pitfalls.batch_stat_layers, layers_by_calling_eval, "changed the mode of some layers"),
-    (check_pitfalls.stable_variance, variance_one_pass, "catastrophic cancellation"),
-    (check_pitfalls.stable_variance, variance_one_pass_sums, "catastrophic cancellation"),
-    (check_pitfalls.stable_variance, variance_one_pass_float64, "Converting to float64 is not the cure"),
-    (check_pitfalls.stable_variance, variance_unbiased, "you divided by m-1"),
-    (check_pitfalls.stable_variance, variance_std, "you returned the standard deviation"),
-    (check_pitfalls.stable_variance, variance_per_example, "the statistics are per feature"),
+    (ch10_pitfalls.batch_stat_layers, layers_from_model_flag, "you looked at model.training"),
+    (ch10_pitfalls.batch_stat_layers, layers_any_training, "you listed every module in training mode"),
+    (ch10_pitfalls.batch_stat_layers, layers_only_1d, "you only looked for BatchNorm1d"),
+    (ch10_pitfalls.batch_stat_layers, layers_exact_type, "you compared type(m)"),
+    (ch10_pitfalls.batch_stat_layers, layers_ignore_track_running_stats, "track_running_stats=False"),
+    (ch10_pitfalls.batch_stat_layers, layers_top_level, "only looked at the top-level layers"),
+    (ch10_pitfalls.batch_stat_layers, layers_as_modules, "not the modules themselves"),
+    (ch10_pitfalls.batch_stat_layers, layers_by_calling_eval, "changed the mode of some layers"),
+    (ch10_pitfalls.stable_variance, variance_one_pass, "catastrophic cancellation"),
+    (ch10_pitfalls.stable_variance, variance_one_pass_sums, "catastrophic cancellation"),
+    (ch10_pitfalls.stable_variance, variance_one_pass_float64, "Converting to float64 is not the cure"),
+    (ch10_pitfalls.stable_variance, variance_unbiased, "you divided by m-1"),
+    (ch10_pitfalls.stable_variance, variance_std, "you returned the standard deviation"),
+    (ch10_pitfalls.stable_variance, variance_per_example, "the statistics are per feature"),
 ]
 
 
@@ -180,7 +180,7 @@ def test_every_exercise_has_at_least_two_diagnosed_mistakes():
 
 
 def test_float32_cancellation_message_names_dtype_offset_and_error():
-    message = diagnosis(check_pitfalls.stable_variance, variance_one_pass)
+    message = diagnosis(ch10_pitfalls.stable_variance, variance_one_pass)
     assert "float32" in message and "near 1e4" in message and "relative error" in message
 
 
@@ -193,24 +193,24 @@ def test_welford_and_numpy_pass(capsys):
             m2 = m2 + delta * (x - mean)
         return m2 / len(z)
 
-    check_pitfalls.stable_variance(welford)
-    check_pitfalls.stable_variance(lambda z: z.var(axis=0))
+    ch10_pitfalls.stable_variance(welford)
+    ch10_pitfalls.stable_variance(lambda z: z.var(axis=0))
     assert capsys.readouterr().out.count("✓") == 2
 
 
 def test_errors_in_learner_code_are_reported():
     with pytest.raises(ExerciseError, match="your function raised"):
-        check_pitfalls.stable_variance(lambda z: z @ np.ones(7))
+        ch10_pitfalls.stable_variance(lambda z: z @ np.ones(7))
     with pytest.raises(ExerciseError, match="your function raised AttributeError"):
-        check_pitfalls.batch_stat_layers(lambda model: model.bn_layers())
+        ch10_pitfalls.batch_stat_layers(lambda model: model.bn_layers())
     with pytest.raises(ExerciseError, match="returned None"):
-        check_pitfalls.batch_stat_layers(lambda model: None)
+        ch10_pitfalls.batch_stat_layers(lambda model: None)
     with pytest.raises(ExerciseError, match="expected a function"):
-        check_pitfalls.stable_variance(3.0)
+        ch10_pitfalls.stable_variance(3.0)
 
 
 def test_learners_copy_runs_and_only_the_checks_fail():
     """In the learners' copy every cell runs except the check cells, which say 'not implemented'."""
     learner = run_learner_copy(_notebook(), "10", CHAPTER.parent)
-    _, checks = assert_only_the_checks_fail(learner, "check_pitfalls.")
+    _, checks = assert_only_the_checks_fail(learner, "check.")
     assert len(checks) == len(CHECKERS)

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from bnkit import check_population, running
-from bnkit.check import ExerciseError
-from bnkit.nets import mlp
+from bnkit import running
+from bnkit.checks import ch04_running_estimates, ch05_population_stats
+from bnkit.checks._core import ExerciseError
+from bnkit.course.nets import mlp
 from bnkit.recording import BatchStatsRecorder
 
 pytest.register_assert_rewrite("exercise_support")
@@ -41,12 +42,12 @@ CHAPTERS = {
 # chapter -> {function a learner writes: its checker}, in the order of the exercises
 CHECKERS = {
     "04_running_estimates": {
-        "my_bn_infer": check_population.bn_infer,
-        "my_update_running": check_population.update_running,
+        "my_bn_infer": ch04_running_estimates.bn_infer,
+        "my_update_running": ch04_running_estimates.update_running,
     },
     "05_population_stats": {
-        "my_merge": check_population.merge,
-        "my_algorithm2": check_population.algorithm2,
+        "my_merge": ch05_population_stats.merge,
+        "my_algorithm2": ch05_population_stats.algorithm2,
     },
 }
 EXERCISES = [(chapter, name) for chapter, names in CHECKERS.items() for name in names]
@@ -90,7 +91,7 @@ def test_every_exercise_has_a_checker_a_check_cell_and_a_hidden_solution(chapter
     exercises = exercise_prompts(nb)
     assert len(exercises) == len(CHECKERS[chapter]) >= 2
     for i, name in zip(exercises, CHECKERS[chapter]):
-        assert_exercise_layout(nb, i, "check_population", name)
+        assert_exercise_layout(nb, i, "check", name)
 
 
 def test_learner_copy_has_no_solutions(chapter):
@@ -149,33 +150,33 @@ def merge_sums_of_squares(a, b):
 
 WRONG = [
     # chapter 4, exercise 1: test-time BN
-    (check_population.bn_infer, infer_with_batch_stats, "you normalised with the statistics of z itself"),
-    (check_population.bn_infer, lambda z, g, b, m, v, eps: g * (z - m) / (np.sqrt(v) + eps) + b,
+    (ch04_running_estimates.bn_infer, infer_with_batch_stats, "you normalised with the statistics of z itself"),
+    (ch04_running_estimates.bn_infer, lambda z, g, b, m, v, eps: g * (z - m) / (np.sqrt(v) + eps) + b,
      "eps belongs inside the square root"),
-    (check_population.bn_infer, lambda z, g, b, m, v, eps: b * (z - m) / np.sqrt(v + eps) + g, "gamma and beta are swapped"),
-    (check_population.bn_infer, lambda z, g, b, m, v, eps: (z - m) / np.sqrt(v + eps), "you returned z_norm"),
+    (ch04_running_estimates.bn_infer, lambda z, g, b, m, v, eps: b * (z - m) / np.sqrt(v + eps) + g, "gamma and beta are swapped"),
+    (ch04_running_estimates.bn_infer, lambda z, g, b, m, v, eps: (z - m) / np.sqrt(v + eps), "you returned z_norm"),
     # chapter 4, exercise 2: one running update
-    (check_population.update_running, update_keras, "Keras's convention"),
-    (check_population.update_running, update_biased, "you averaged the biased variance"),
-    (check_population.update_running, lambda rm, rv, mu, var, c, mom: (mu, var * c / (c - 1)),
+    (ch04_running_estimates.update_running, update_keras, "Keras's convention"),
+    (ch04_running_estimates.update_running, update_biased, "you averaged the biased variance"),
+    (ch04_running_estimates.update_running, lambda rm, rv, mu, var, c, mom: (mu, var * c / (c - 1)),
      "you returned the batch's statistics"),
-    (check_population.update_running, lambda rm, rv, mu, var, c, mom: np.stack([rm, rv]),
+    (ch04_running_estimates.update_running, lambda rm, rv, mu, var, c, mom: np.stack([rm, rv]),
      "return the pair (new_mean, new_var), 2 values, got ndarray"),
     # chapter 5, exercise 1: Chan et al.'s merge
-    (check_population.merge, merge_no_spread, "left out the spread between the two means"),
-    (check_population.merge, merge_plain_mean, "weight each mean by its count"),
-    (check_population.merge, merge_no_n, "you forgot to divide by n = n_a + n_b"),
-    (check_population.merge, merge_sums_of_squares, "wrong values on batches of 1000 and 20 values around 1e6"),
-    (check_population.merge, lambda a, b: (a.count + b.count, a.mean), "return (count, mean, m2), 3 values"),
+    (ch05_population_stats.merge, merge_no_spread, "left out the spread between the two means"),
+    (ch05_population_stats.merge, merge_plain_mean, "weight each mean by its count"),
+    (ch05_population_stats.merge, merge_no_n, "you forgot to divide by n = n_a + n_b"),
+    (ch05_population_stats.merge, merge_sums_of_squares, "wrong values on batches of 1000 and 20 values around 1e6"),
+    (ch05_population_stats.merge, lambda a, b: (a.count + b.count, a.mean), "return (count, mean, m2), 3 values"),
     # chapter 5, exercise 2: Algorithm 2
-    (check_population.algorithm2, lambda mus, v, m: (mus.mean(0), v.mean(0)), "you forgot the m/(m-1) correction"),
-    (check_population.algorithm2, lambda mus, v, m: (mus.mean(0), m / (m - 1) * (v.mean(0) + mus.var(0))),
+    (ch05_population_stats.algorithm2, lambda mus, v, m: (mus.mean(0), v.mean(0)), "you forgot the m/(m-1) correction"),
+    (ch05_population_stats.algorithm2, lambda mus, v, m: (mus.mean(0), m / (m - 1) * (v.mean(0) + mus.var(0))),
      "you averaged the variances but also added the spread of the batch means"),
-    (check_population.algorithm2, lambda mus, v, m: (mus.mean(0), v.mean(0) * len(v) / (len(v) - 1)),
+    (ch05_population_stats.algorithm2, lambda mus, v, m: (mus.mean(0), v.mean(0) * len(v) / (len(v) - 1)),
      "not the number of batches"),
-    (check_population.algorithm2, lambda mus, v, m: (mus.mean(0), m / (m - 1) * np.sqrt(v).mean(0) ** 2),
+    (ch05_population_stats.algorithm2, lambda mus, v, m: (mus.mean(0), m / (m - 1) * np.sqrt(v).mean(0) ** 2),
      "you averaged standard deviations"),
-    (check_population.algorithm2, lambda mus, v, m: (mus.mean(1), m / (m - 1) * v.mean(1)), "averaged over the features"),
+    (ch05_population_stats.algorithm2, lambda mus, v, m: (mus.mean(1), m / (m - 1) * v.mean(1)), "averaged over the features"),
 ]
 
 
@@ -190,10 +191,10 @@ def test_every_checker_has_at_least_two_diagnosed_mistakes():
 
 def test_the_right_answers_in_other_forms_pass(capsys):
     """Tensors, lists and in-place updates of the checker's copies are all accepted."""
-    check_population.update_running(update_in_place)
-    check_population.merge(lambda a, b: list(running.merge(a, b)))  # a list, and BatchStats itself
-    check_population.algorithm2(lambda mus, v, m: [torch.as_tensor(x) for x in running.algorithm2(mus, v, m)])
-    check_population.bn_infer(lambda *args: torch.as_tensor(running_forward_infer(*args)))
+    ch04_running_estimates.update_running(update_in_place)
+    ch05_population_stats.merge(lambda a, b: list(running.merge(a, b)))  # a list, and BatchStats itself
+    ch05_population_stats.algorithm2(lambda mus, v, m: [torch.as_tensor(x) for x in running.algorithm2(mus, v, m)])
+    ch04_running_estimates.bn_infer(lambda *args: torch.as_tensor(running_forward_infer(*args)))
     assert capsys.readouterr().out.count("✓") == 4
 
 
@@ -208,7 +209,7 @@ def test_a_learners_exception_is_reported_with_the_learners_line():
         return mus.mean(axis=0), m / (m - 1) * variances.mean(axis=2)  # no axis 2
 
     with pytest.raises(ExerciseError) as info:
-        check_population.algorithm2(my_algorithm2)
+        ch05_population_stats.algorithm2(my_algorithm2)
     message = str(info.value)
     assert message.startswith("algorithm2: your function raised AxisError")
     assert "variances.mean(axis=2)" in message
@@ -216,9 +217,9 @@ def test_a_learners_exception_is_reported_with_the_learners_line():
 
 
 def test_returning_none_is_explained():
-    for checker, fn in [(check_population.merge, lambda a, b: None),
-                        (check_population.update_running, lambda *a: None),
-                        (check_population.bn_infer, lambda *a: None)]:
+    for checker, fn in [(ch05_population_stats.merge, lambda a, b: None),
+                        (ch04_running_estimates.update_running, lambda *a: None),
+                        (ch04_running_estimates.bn_infer, lambda *a: None)]:
         with pytest.raises(ExerciseError, match="forget `return`"):
             checker(fn)
 

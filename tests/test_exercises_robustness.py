@@ -14,8 +14,9 @@ import nbformat
 import pytest
 import torch
 
-from bnkit import check_robustness, torch_bn
-from bnkit.check import ExerciseError
+import bnkit
+from bnkit.checks import ch06_robustness
+from bnkit.checks._core import ExerciseError
 
 pytest.register_assert_rewrite("exercise_support")
 from exercise_support import (  # noqa: E402
@@ -31,8 +32,8 @@ from exercise_support import (  # noqa: E402
 
 CHAPTER = REPO / "chapters" / "06_robustness.ipynb"
 CHECKERS = {  # function a learner writes -> its checker, in the order of the exercises
-    "my_steps_needed": check_robustness.steps_needed,
-    "my_adabn": check_robustness.adabn,
+    "my_steps_needed": ch06_robustness.steps_needed,
+    "my_adabn": ch06_robustness.adabn,
 }
 
 
@@ -119,13 +120,13 @@ def _batches(X, b=64):
 
 
 def adabn_in_place(model, X_target):
-    torch_bn.recompute_stats(model, _batches(X_target), upstream="eval")
+    bnkit.recompute_stats(model, _batches(X_target), upstream="eval")
     return model
 
 
 def adabn_upstream_train(model, X_target):
     adapted = copy.deepcopy(model)
-    torch_bn.recompute_stats(adapted, _batches(X_target), upstream="train")
+    bnkit.recompute_stats(adapted, _batches(X_target), upstream="train")
     return adapted
 
 
@@ -139,7 +140,7 @@ def adabn_running_average(model, X_target):
 
 def adabn_cumulative_one_pass(model, X_target):
     adapted = copy.deepcopy(model).train()
-    for bn in torch_bn.bn_layers(adapted):
+    for bn in bnkit.bn_layers(adapted):
         bn.momentum = None
         bn.reset_running_stats()
     with torch.no_grad():
@@ -149,15 +150,15 @@ def adabn_cumulative_one_pass(model, X_target):
 
 def adabn_biased_variance(model, X_target):
     adapted = copy.deepcopy(model)
-    torch_bn.recompute_stats(adapted, _batches(X_target), upstream="eval")
-    for bn in torch_bn.bn_layers(adapted):
+    bnkit.recompute_stats(adapted, _batches(X_target), upstream="eval")
+    for bn in bnkit.bn_layers(adapted):
         bn.running_var.mul_((len(X_target) - 1) / len(X_target))
     return adapted
 
 
 def adabn_left_in_training_mode(model, X_target):
     adapted = copy.deepcopy(model)
-    torch_bn.recompute_stats(adapted, _batches(X_target), upstream="eval")
+    bnkit.recompute_stats(adapted, _batches(X_target), upstream="eval")
     return adapted.train()
 
 
@@ -166,25 +167,25 @@ def adabn_nothing(model, X_target):
 
 
 def adabn_returns_stats(model, X_target):
-    return torch_bn.recompute_stats(copy.deepcopy(model), _batches(X_target), upstream="eval")
+    return bnkit.recompute_stats(copy.deepcopy(model), _batches(X_target), upstream="eval")
 
 
 WRONG = [
-    (check_robustness.steps_needed, steps_floor, "you rounded down"),
-    (check_robustness.steps_needed, steps_unrounded, "a number of steps is a whole number"),
-    (check_robustness.steps_needed, steps_rounded, "rounded to the nearest whole number"),
-    (check_robustness.steps_needed, steps_window, "1 / momentum is the window"),
-    (check_robustness.steps_needed, steps_keras_convention, "you used momentum**k"),
-    (check_robustness.steps_needed, steps_share_of_init, "share of the initial value"),
-    (check_robustness.steps_needed, steps_loop_one_too_many, "one step too many"),
-    (check_robustness.adabn, adabn_in_place, "changed the model passed in"),
-    (check_robustness.adabn, adabn_upstream_train, "the first BN layer is right"),
-    (check_robustness.adabn, adabn_running_average, "moved only part of the way"),
-    (check_robustness.adabn, adabn_cumulative_one_pass, "BN layers before it in training mode"),
-    (check_robustness.adabn, adabn_biased_variance, "biased"),
-    (check_robustness.adabn, adabn_left_in_training_mode, "is in training mode"),
-    (check_robustness.adabn, adabn_nothing, "still holds its old statistics"),
-    (check_robustness.adabn, adabn_returns_stats, "returned dict"),
+    (ch06_robustness.steps_needed, steps_floor, "you rounded down"),
+    (ch06_robustness.steps_needed, steps_unrounded, "a number of steps is a whole number"),
+    (ch06_robustness.steps_needed, steps_rounded, "rounded to the nearest whole number"),
+    (ch06_robustness.steps_needed, steps_window, "1 / momentum is the window"),
+    (ch06_robustness.steps_needed, steps_keras_convention, "you used momentum**k"),
+    (ch06_robustness.steps_needed, steps_share_of_init, "share of the initial value"),
+    (ch06_robustness.steps_needed, steps_loop_one_too_many, "one step too many"),
+    (ch06_robustness.adabn, adabn_in_place, "changed the model passed in"),
+    (ch06_robustness.adabn, adabn_upstream_train, "the first BN layer is right"),
+    (ch06_robustness.adabn, adabn_running_average, "moved only part of the way"),
+    (ch06_robustness.adabn, adabn_cumulative_one_pass, "BN layers before it in training mode"),
+    (ch06_robustness.adabn, adabn_biased_variance, "biased"),
+    (ch06_robustness.adabn, adabn_left_in_training_mode, "is in training mode"),
+    (ch06_robustness.adabn, adabn_nothing, "still holds its old statistics"),
+    (ch06_robustness.adabn, adabn_returns_stats, "returned dict"),
 ]
 
 
@@ -200,4 +201,4 @@ def test_error_inside_learner_code_is_reported_not_raised():
         return model(X_target)  # a NumPy array where a tensor is needed
 
     with pytest.raises(ExerciseError, match="your function raised TypeError"):
-        check_robustness.adabn(broken)
+        ch06_robustness.adabn(broken)

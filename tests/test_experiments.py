@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from bnkit import experiments, torch_bn
-from bnkit.nets import accuracy, mlp, train
+import bnkit
+from bnkit.course import experiments
+from bnkit.course.nets import accuracy, mlp, train
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +23,13 @@ def data():
 
 
 def _model(momentum=0.1, estimator="ema", seed=0):
-    norm = lambda n: torch_bn.BatchNorm1d(n, momentum=momentum, estimator=estimator)  # noqa: E731
+    norm = lambda n: bnkit.BatchNorm1d(n, momentum=momentum, estimator=estimator)  # noqa: E731
     return mlp(hidden=(8, 8), seed=seed, in_features=6, num_classes=2, norm=norm)
 
 
 def _buffers(model):
     names = {m: n for n, m in model.named_modules()}
-    return {names[bn]: (bn.running_mean.clone(), bn.running_var.clone()) for bn in torch_bn.bn_layers(model)}
+    return {names[bn]: (bn.running_mean.clone(), bn.running_var.clone()) for bn in bnkit.bn_layers(model)}
 
 
 def _assert_stats_close(a, b, tol=1e-5):

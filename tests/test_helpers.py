@@ -9,9 +9,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from bnkit.data import batches, load_digits_split  # noqa: E402
-from bnkit.nets import accuracy, mlp, train  # noqa: E402
-from bnkit.plotting import power_of_ten_above, style, unit_histograms  # noqa: E402
+from bnkit.course.data import batches, load_digits_split  # noqa: E402
+from bnkit.course.nets import accuracy, mlp, train  # noqa: E402
+from bnkit.course.plotting import power_of_ten_above, style, unit_histograms  # noqa: E402
 
 
 @pytest.fixture(scope="module")

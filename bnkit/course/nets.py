@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnkit.data import batches
-from bnkit.torch_bn import model_device
+from bnkit.course.data import batches
+from bnkit.population import model_device
 
 
 def mlp(
@@ -23,7 +23,7 @@ def mlp(
 
     Input (m, in_features), output logits (m, num_classes). ``norm`` is any class or
     factory called as ``norm(width)``: ``torch.nn.BatchNorm1d`` by default, or a drop-in
-    such as ``bnkit.torch_bn.BatchNorm1d``. With ``bn=False`` there is no norm layer.
+    such as ``bnkit.BatchNorm1d``. With ``bn=False`` there is no norm layer.
     The weights are drawn from ``seed``, so the same arguments give the same network.
     """
     torch.manual_seed(seed)

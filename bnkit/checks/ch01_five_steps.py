@@ -1,182 +1,31 @@
-"""Exercise checkers: run a learner's function on fresh inputs and explain what went wrong.
+"""Exercise checkers for chapter 1, the five steps of Batch Norm.
 
-Each checker compares the learner's function with ``bnkit.reference`` on several cases
-((m, n) and (m, C, H, W) inputs, m = 2, a feature with a large offset, a constant feature,
-float32). On success it prints one line and returns None. On failure it raises an
-``ExerciseError`` whose message names the mistake, found by comparing the learner's output
-with known wrong variants (1/(m-1), the wrong axis, eps outside the root, ...).
+    batch_mean(fn)      fn(z) -> mu                               step 1
+    center(fn)          fn(z, mu) -> z_new                        step 2
+    batch_variance(fn)  fn(z_new) -> var                          step 3
+    normalize(fn)       fn(z_new, var, eps) -> z_norm             step 4
+    scale_shift(fn)     fn(z_norm, gamma, beta) -> z_tilde        step 5
+    forward_train(fn)   fn(z, gamma, beta, eps) -> (z_tilde, cache)
 
-A new checker is a few lines: a list of ``Case``s and a list of ``(wrong_variant, message)``
-pairs passed to ``check_function``.
+Each compares the learner's function with ``bnkit.reference`` on several cases ((m, n) and
+(m, C, H, W) inputs, m = 2, a feature with a large offset, a constant feature, float32) and
+names the mistake when the output matches a known wrong variant (1/(m-1), the wrong axis,
+eps outside the root, ...).
 """
 from __future__ import annotations
 
 import functools
-import inspect
 import math
-import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from bnkit import reference as ref
 from bnkit._validate import stat_axes, values_per_feature
+from bnkit.checks._core import Case, Variant, check_function
 
-__all__ = [
-    "ExerciseError",
-    "Case",
-    "check_function",
-    "call_learner",
-    "not_implemented",
-    "batch_mean",
-    "center",
-    "batch_variance",
-    "normalize",
-    "scale_shift",
-    "forward_train",
-]
-
-
-class ExerciseError(AssertionError):
-    """A learner's answer is wrong; the message says how. Shown without a traceback in Jupyter."""
-
-    def _render_traceback_(self) -> list[str]:  # IPython shows these lines instead of a traceback
-        return [f"ExerciseError: {self}"]
-
-
-@dataclass
-class Case:
-    """One test input: a label for messages, the positional arguments, and a hint shown on failure."""
-
-    label: str
-    args: tuple
-    hint: str = ""
-    float32: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.float32 = any(getattr(a, "dtype", None) == np.float32 for a in self.args)
-
-
-Variant = Callable[..., Any]
-
-# ---------------------------------------------------------------- the generic machinery
-
-
-def _copy(a: Any) -> Any:
-    return a.copy() if isinstance(a, np.ndarray) else a
-
-
-def _where_in_learner_code(fn: Callable, exc: BaseException) -> str:
-    """', at line N: <source>' for the innermost frame of the learner's own code, if any."""
-    code = getattr(inspect.unwrap(fn), "__code__", None)
-    filename = getattr(code, "co_filename", None)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" (line {f.lineno}: {f.line.strip()})" if f.line else f" (line {f.lineno})"
-
-
-def not_implemented(name: str, fn: Callable) -> ExerciseError:
-    """The error for a stub that still raises NotImplementedError."""
-    return ExerciseError(
-        f"{name}: not implemented yet: replace the stub `raise NotImplementedError(...)` "
-        f"in {getattr(fn, '__name__', 'your function')} with your code"
-    )
-
-
-def call_learner(
-    name: str, fn: Callable, args: Sequence = (), kwargs: dict | None = None, label: str = "", hint: str = ""
-) -> Any:
-    """fn(*args, **kwargs), the learner's function; a stub or an exception inside it becomes an
-    ExerciseError a learner can read (the line of their code that failed, the case, a hint)."""
-    try:
-        with np.errstate(all="ignore"):
-            return fn(*args, **(kwargs or {}))
-    except NotImplementedError:
-        raise not_implemented(name, fn) from None
-    except Exception as e:  # the learner's code failed: report it, not a traceback from bnkit
-        where = _where_in_learner_code(fn, e)
-        on = f", on {label}" if label else ""
-        hint = f" Hint: {hint}" if hint else ""
-        raise ExerciseError(
-            f"{name}: your function raised {type(e).__name__}: {str(e).strip()}{where}{on}.{hint}"
-        ) from None
-
-
-def _call(name: str, fn: Callable, case: Case) -> np.ndarray:
-    """Call the learner's function on copies of the case's arguments; an array of numbers back."""
-    out = call_learner(name, fn, [_copy(a) for a in case.args], label=case.label, hint=case.hint)
-    if out is None:
-        raise ExerciseError(f"{name}: your function returned None: did you forget `return`?")
-    if hasattr(out, "detach"):  # a torch tensor
-        out = out.detach().cpu().numpy()
-    try:
-        return np.asarray(out, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ExerciseError(
-            f"{name}: your function returned {type(out).__name__}, not an array of numbers"
-        ) from None
-
-
-def _close(got: np.ndarray, expected: np.ndarray, case: Case) -> bool:
-    """Equal shapes and values to round-off (looser for float32 inputs)."""
-    if got.shape != expected.shape:
-        return False
-    tol = 1e-4 if case.float32 else 1e-8
-    scale = max([1.0] + [float(np.max(np.abs(a))) for a in case.args if isinstance(a, np.ndarray)])
-    with np.errstate(all="ignore"):
-        return bool(np.allclose(got, expected, rtol=tol, atol=tol * scale, equal_nan=True))
-
-
-def check_function(
-    name: str,
-    fn: Callable,
-    reference: Callable,
-    cases: Sequence[Case],
-    diagnoses: Sequence[tuple[Variant, str]] = (),
-) -> None:
-    """Check ``fn`` against ``reference`` on every case; raise ExerciseError at the first failure.
-
-    A wrong output is compared with each ``wrong_variant(*case.args)`` in turn: the first that
-    it matches gives the message. Otherwise the message reports the shape or the largest error.
-    On success prints one line and returns None.
-    """
-    __tracebackhide__ = True  # pytest: show the learner the message, not this frame
-    if not callable(fn):
-        raise ExerciseError(f"{name}: expected a function, got {type(fn).__name__}")
-    for case in cases:
-        expected = np.asarray(reference(*case.args))
-        got = _call(name, fn, case)
-        if _close(got, expected, case):
-            continue
-        for variant, message in diagnoses:
-            try:
-                with np.errstate(all="ignore"):
-                    wrong = np.asarray(variant(*case.args))
-            except Exception:  # a variant that does not apply to this shape
-                continue
-            if _close(got, wrong, case):
-                raise ExerciseError(f"{name}: {message} (on {case.label})")
-        hint = f" Hint: {case.hint}" if case.hint else ""
-        if got.shape != expected.shape:
-            raise ExerciseError(
-                f"{name}: wrong shape on {case.label}: expected {expected.shape}, got {got.shape}.{hint}"
-            )
-        if not np.all(np.isfinite(got)):
-            raise ExerciseError(f"{name}: your output contains NaN or inf on {case.label}.{hint}")
-        err = np.abs(got.astype(np.float64) - expected)
-        i = np.unravel_index(np.argmax(err), err.shape)
-        raise ExerciseError(
-            f"{name}: wrong values on {case.label}: at index {tuple(int(k) for k in i)} "
-            f"expected {expected[i]:.6g}, got {got[i]:.6g}.{hint}"
-        )
-    print(f"✓ {name}: correct on {len(cases)} test cases")
-
-
-# ---------------------------------------------------------------- test inputs and helpers
+__all__ = ["batch_mean", "center", "batch_variance", "normalize", "scale_shift", "forward_train"]
 
 
 def _vec(v: np.ndarray, ndim: int) -> np.ndarray:

@@ -4,7 +4,7 @@
     combine_variances(fn)  fn(counts (K,), means (K, n), variances (K, n)) -> var (n,)
 
 Each compares the learner's function with ``bnkit.running`` on fresh inputs
-(``bnkit.check.check_function``) and names the typical mistake when the output matches a
+(``bnkit.checks._core.check_function``) and names the typical mistake when the output matches a
 known wrong variant. On success it prints one line.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bnkit import running
-from bnkit.check import Case, ExerciseError, check_function, not_implemented
+from bnkit.checks._core import Case, ExerciseError, check_function, not_implemented
 from bnkit.running import BatchStats
 
 __all__ = ["ExerciseError", "merge", "combine_variances"]

@@ -6,11 +6,11 @@ sequence of batch statistics seen in training, and training itself never reads t
 statistics. So one run that records each BN layer's batch mean and variance at every step
 gives all of them exactly, post hoc:
 
-    record = train_recording(model, X, y, snapshot_steps=(20, 50))   # bnkit.nets.train + hooks
+    record = train_recording(model, X, y, snapshot_steps=(20, 50))   # bnkit.course.nets.train + hooks
     stats = running_from_record(record, "ema", momentum=0.01)          # {layer: (mean, var)}
     evaluate(model, X_test, y_test, stats)                              # accuracy with them
 
-- ``train_recording``: ``bnkit.nets.train`` with ``bnkit.recording.BatchStatsRecorder``, which records,
+- ``train_recording``: ``bnkit.course.nets.train`` with ``bnkit.recording.BatchStatsRecorder``, which records,
   per BN layer and step, the batch mean and the biased batch variance, plus the batch size and
   copies of the model's state after chosen steps.
 - ``running_from_record``: the running estimate after the first k steps, replayed with
@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnkit import running, testtime, torch_bn
-from bnkit.nets import accuracy, train
+import bnkit
+from bnkit import running
+from bnkit.course import testtime
+from bnkit.course.nets import accuracy, train
 from bnkit.recording import BatchStatsRecorder
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # BN layer name -> (mean (n,), var (n,))
@@ -51,7 +53,7 @@ class Record:
 def train_recording(
     model: nn.Module, X: np.ndarray, y: np.ndarray, snapshot_steps=(), **train_kwargs
 ) -> Record:
-    """``bnkit.nets.train(model, X, y, **train_kwargs)``, recording every BN layer's batch statistics
+    """``bnkit.course.nets.train(model, X, y, **train_kwargs)``, recording every BN layer's batch statistics
     (with ``bnkit.recording.BatchStatsRecorder``).
 
     snapshot_steps: steps k after which a copy of the model's state_dict is kept (k = 1 is
@@ -105,7 +107,7 @@ def running_from_record(
 def with_stats(model: nn.Module, stats: Stats | None = None) -> nn.Module:
     """A copy of ``model`` in eval mode whose BN layers hold ``stats`` (or their own, if None)."""
     model = copy.deepcopy(model).eval()
-    for bn, name in torch_bn.bn_names(model).items() if stats is not None else ():
+    for bn, name in bnkit.bn_names(model).items() if stats is not None else ():
         bn.running_mean.copy_(stats[name][0])
         bn.running_var.copy_(stats[name][1])
     return model
@@ -118,10 +120,10 @@ def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, stats: Stats | None
 
 def population_stats(model: nn.Module, X: np.ndarray, upstream: str = "eval", batch_size: int = 256) -> Stats:
     """Exact per-layer statistics of the inputs X (m, features), no labels needed, with
-    ``bnkit.torch_bn.recompute_stats`` on a copy of the model (the model is not changed)."""
+    ``bnkit.bnkit.recompute_stats`` on a copy of the model (the model is not changed)."""
     model = copy.deepcopy(model)
     batches = [torch.as_tensor(X[s : s + batch_size]) for s in range(0, len(X), batch_size)]
-    return torch_bn.recompute_stats(model, batches, estimator="exact", upstream=upstream)
+    return bnkit.recompute_stats(model, batches, estimator="exact", upstream=upstream)
 
 
 def batch_stats_accuracy(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0) -> float:

@@ -1,4 +1,4 @@
-"""bnkit.torch_bn: the drop-in BatchNorm modules vs torch.nn's, recompute_stats and fold_bn.
+"""The PyTorch path: the drop-in BatchNorm modules vs torch.nn's, recompute_stats and fold_bn.
 
 Everything in float64, on every device present (CUDA skipped where there is none).
 """
@@ -14,14 +14,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit import running
-from bnkit import torch_bn as tb
+import bnkit
+from bnkit import folding, reference
 
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ]
 DT = torch.float64
-KINDS = {"1d": (nn.BatchNorm1d, tb.BatchNorm1d, (6, 4)), "2d": (nn.BatchNorm2d, tb.BatchNorm2d, (3, 4, 2, 3))}
+KINDS = {"1d": (nn.BatchNorm1d, bnkit.BatchNorm1d, (6, 4)), "2d": (nn.BatchNorm2d, bnkit.BatchNorm2d, (3, 4, 2, 3))}
 CONSTRUCTOR_ARGS = [
     {},
     {"momentum": 0.3},
@@ -153,7 +154,7 @@ def test_weights_load_both_ways(kind, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_to_and_double_move_the_buffers(device):
-    bn = tb.BatchNorm2d(3)
+    bn = bnkit.BatchNorm2d(3)
     assert bn.running_mean.dtype == torch.float32
     bn = bn.double().to(device)
     for name in ("running_mean", "running_var", "weight", "bias"):
@@ -167,7 +168,7 @@ def test_to_and_double_move_the_buffers(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_eval_is_the_mode_switch_not_grad_mode(device):
     """Training mode updates the running statistics under no_grad too; eval mode never does."""
-    bn = tb.BatchNorm1d(4, device=device, dtype=DT)
+    bn = bnkit.BatchNorm1d(4, device=device, dtype=DT)
     x = _randn((6, 4), device, 1, loc=3.0)
     with torch.no_grad():
         bn(x)
@@ -215,9 +216,9 @@ def test_cumulative_module_equals_torch_momentum_none(kind, device):
 
 
 def test_estimator_shows_in_repr_and_a_bad_one_is_refused():
-    assert "estimator='cumulative'" in repr(tb.BatchNorm1d(3, estimator="cumulative"))
+    assert "estimator='cumulative'" in repr(bnkit.BatchNorm1d(3, estimator="cumulative"))
     with pytest.raises(ValueError, match="estimator must be one of"):
-        tb.BatchNorm1d(3, estimator="exact")
+        bnkit.BatchNorm1d(3, estimator="exact")
 
 
 # ---------------------------------------------------------------- the five steps on tensors, any device
@@ -231,23 +232,23 @@ def test_reference_functions_on_tensors_match_torch_on_the_device(shape, device)
     z = _randn(shape, device, 0, loc=2.0, scale=3.0)
     gamma, beta = _randn(4, device, 1, loc=1.0), _randn(4, device, 2)
     dz_tilde = _randn(shape, device, 3)
-    z_tilde, cache = tb.forward_train(z, gamma, beta)
+    z_tilde, cache = reference.forward_train(z, gamma, beta)
     assert z_tilde.device == z.device
     zr, gr, br = (t.clone().requires_grad_() for t in (z, gamma, beta))
     expected = F.batch_norm(zr, None, None, gr, br, training=True)
     torch.testing.assert_close(z_tilde, expected, rtol=1e-12, atol=1e-12)
     grads = torch.autograd.grad(expected, (zr, gr, br), dz_tilde)
-    for backward in (tb.backward, tb.backward_staged):
+    for backward in (reference.backward, reference.backward_staged):
         for ours, theirs in zip(backward(dz_tilde, cache), grads):
             assert ours.device == z.device
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
     mean, var = _randn(4, device, 4), _randn(4, device, 5).abs() + 0.5
     torch.testing.assert_close(
-        tb.forward_infer(z, gamma, beta, mean, var), F.batch_norm(z, mean, var, gamma, beta, training=False),
+        reference.forward_infer(z, gamma, beta, mean, var), F.batch_norm(z, mean, var, gamma, beta, training=False),
         rtol=1e-12, atol=1e-12,
     )
-    scale, shift = tb.inference_affine(gamma, beta, mean, var)
-    torch.testing.assert_close(tb.forward_infer_affine(z, scale, shift), tb.forward_infer(z, gamma, beta, mean, var))
+    scale, shift = reference.inference_affine(gamma, beta, mean, var)
+    torch.testing.assert_close(reference.forward_infer_affine(z, scale, shift), reference.forward_infer(z, gamma, beta, mean, var))
 
 
 # ---------------------------------------------------------------- modules: bad input
@@ -256,18 +257,18 @@ def test_reference_functions_on_tensors_match_torch_on_the_device(shape, device)
 @pytest.mark.parametrize("eps", [0.0, -1e-5, True])
 def test_module_refuses_eps_not_positive(eps):
     with pytest.raises(ValueError, match="eps must be a positive number"):
-        tb.BatchNorm1d(3, eps=eps)
+        bnkit.BatchNorm1d(3, eps=eps)
 
 
 @pytest.mark.parametrize("momentum", [-0.1, 1.5, True])
 def test_module_refuses_momentum_outside_0_1(momentum):
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
-        tb.BatchNorm2d(3, momentum=momentum)
+        bnkit.BatchNorm2d(3, momentum=momentum)
 
 
 def test_module_accepts_numpy_scalars_as_torch_nn_does():
     """eps and momentum as NumPy scalars (e.g. read from a config array): same as torch.nn."""
-    ours = tb.BatchNorm1d(3, eps=np.float32(1e-3), momentum=np.float64(0.2)).double()
+    ours = bnkit.BatchNorm1d(3, eps=np.float32(1e-3), momentum=np.float64(0.2)).double()
     theirs = nn.BatchNorm1d(3, eps=np.float32(1e-3), momentum=np.float64(0.2)).double()
     x = _randn((6, 3), "cpu", 0)
     torch.testing.assert_close(ours(x), theirs(x))
@@ -331,7 +332,7 @@ def _model(device, seed=0):
     """Linear, torch.nn BatchNorm1d, ReLU, Linear, bnkit BatchNorm1d, ReLU, Linear (float64)."""
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4), tb.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)
+        nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4), bnkit.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)
     ).to(device=device, dtype=DT)
     _randomise(model[1], seed=1)
     _randomise(model[4], seed=2)
@@ -384,7 +385,7 @@ def _assert_stats(model, expected, returned=None):
 @pytest.mark.parametrize("device", DEVICES)
 def test_recompute_exact_with_upstream_in_training_mode(sizes, device):
     model, batches = _model(device), _data(sizes, device)
-    returned = tb.recompute_stats(model, batches)
+    returned = bnkit.recompute_stats(model, batches)
     assert set(returned) == {"1", "4"}
     _assert_stats(model, _expected_train_upstream(model, batches), returned)
 
@@ -393,7 +394,7 @@ def test_recompute_exact_with_upstream_in_training_mode(sizes, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_recompute_exact_with_upstream_in_eval_mode(sizes, device):
     model, batches = _model(device), _data(sizes, device)
-    returned = tb.recompute_stats(model, batches, upstream="eval")
+    returned = bnkit.recompute_stats(model, batches, upstream="eval")
     _assert_stats(model, _expected_eval_upstream(model, batches), returned)
 
 
@@ -416,7 +417,7 @@ def test_recompute_algorithm2_equals_torch_momentum_none_passes(device):
     with torch.no_grad():
         for x in batches:
             reference(x)
-    tb.recompute_stats(model, batches, estimator="algorithm2")
+    bnkit.recompute_stats(model, batches, estimator="algorithm2")
     for index in (1, 4):
         torch.testing.assert_close(model[index].running_mean, reference[index].running_mean, rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(model[index].running_var, reference[index].running_var, rtol=1e-12, atol=1e-13)
@@ -425,9 +426,9 @@ def test_recompute_algorithm2_equals_torch_momentum_none_passes(device):
 @pytest.mark.parametrize("upstream", ["train", "eval"])
 def test_recompute_accepts_a_generator_of_x_y_pairs(upstream):
     model, batches = _model("cpu"), _data(UNEVEN, "cpu")
-    expected = tb.recompute_stats(copy.deepcopy(model), batches, upstream=upstream)
+    expected = bnkit.recompute_stats(copy.deepcopy(model), batches, upstream=upstream)
     pairs = ((x, torch.zeros(len(x), dtype=torch.long)) for x in batches)  # one-shot, like a DataLoader's
-    got = tb.recompute_stats(model, pairs, upstream=upstream)
+    got = bnkit.recompute_stats(model, pairs, upstream=upstream)
     for name in expected:
         for a, b in zip(got[name], expected[name]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -443,7 +444,7 @@ def test_recompute_leaves_modes_momenta_parameters_and_counters_alone(upstream, 
     modes = [m.training for m in model.modules()]
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     counters = [model[i].num_batches_tracked.clone() for i in (1, 4)]
-    tb.recompute_stats(model, batches, upstream=upstream)
+    bnkit.recompute_stats(model, batches, upstream=upstream)
     assert [m.training for m in model.modules()] == modes
     assert model[1].momentum == 0.1 and model[4].momentum is None
     for k, v in model.named_parameters():
@@ -457,9 +458,9 @@ def test_recompute_works_under_no_grad_and_with_trainable_parameters(upstream):
     model, batches = _model("cpu"), _data(UNEVEN, "cpu")
     assert all(p.requires_grad for p in model.parameters())
     with torch.enable_grad():
-        expected = tb.recompute_stats(copy.deepcopy(model), batches, upstream=upstream)
+        expected = bnkit.recompute_stats(copy.deepcopy(model), batches, upstream=upstream)
     with torch.no_grad():
-        got = tb.recompute_stats(model, batches, upstream=upstream)
+        got = bnkit.recompute_stats(model, batches, upstream=upstream)
     for name in expected:
         torch.testing.assert_close(got[name][0], expected[name][0], rtol=0, atol=0)
         torch.testing.assert_close(got[name][1], expected[name][1], rtol=0, atol=0)
@@ -474,7 +475,7 @@ def test_recompute_refuses_non_finite_batches_and_changes_nothing(upstream, bad,
     batches[-1][0, 1] = bad  # the last batch: the earlier ones have already passed through
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="NaN or infinite"):
-        tb.recompute_stats(model, batches, upstream=upstream)
+        bnkit.recompute_stats(model, batches, upstream=upstream)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -482,13 +483,13 @@ def test_recompute_refuses_non_finite_batches_and_changes_nothing(upstream, bad,
 def test_recompute_refuses_bad_arguments():
     model, batches = _model("cpu"), _data(EQUAL, "cpu")
     with pytest.raises(ValueError, match="estimator must be 'exact' or 'algorithm2'"):
-        tb.recompute_stats(model, batches, estimator="ema")
+        bnkit.recompute_stats(model, batches, estimator="ema")
     with pytest.raises(ValueError, match="upstream must be 'train' or 'eval'"):
-        tb.recompute_stats(model, batches, upstream="test")
+        bnkit.recompute_stats(model, batches, upstream="test")
     with pytest.raises(ValueError, match="no BatchNorm layer"):
-        tb.recompute_stats(nn.Sequential(nn.Linear(3, 2)).to(DT), batches)
+        bnkit.recompute_stats(nn.Sequential(nn.Linear(3, 2)).to(DT), batches)
     with pytest.raises(ValueError, match="no BatchNorm layer"):  # no running statistics to replace
-        tb.recompute_stats(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)), batches)
+        bnkit.recompute_stats(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)), batches)
 
 
 @pytest.mark.parametrize("upstream", ["train", "eval"])
@@ -497,7 +498,7 @@ def test_recompute_refuses_no_batches(upstream, batches):
     model = _model("cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="at least one batch"):
-        tb.recompute_stats(model, batches, upstream=upstream)
+        bnkit.recompute_stats(model, batches, upstream=upstream)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -529,7 +530,7 @@ def _prepare(model, seed=0):
 
 def _assert_folds(model, x, bn_left=0):
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    folded = tb.fold_bn(model)
+    folded = bnkit.fold_bn(model)
     assert model.training and all(m.training for m in model.modules())  # the original's mode
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # the original's parameters and buffers
@@ -541,7 +542,7 @@ def _assert_folds(model, x, bn_left=0):
 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("bn_cls", [nn.BatchNorm1d, tb.BatchNorm1d], ids=["torch.nn", "bnkit"])
+@pytest.mark.parametrize("bn_cls", [nn.BatchNorm1d, bnkit.BatchNorm1d], ids=["torch.nn", "bnkit"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_fold_linear_and_batchnorm1d(bn_cls, bias, affine, device):
     model = _prepare(_linear_model(bn_cls, bias, affine, device))
@@ -550,7 +551,7 @@ def test_fold_linear_and_batchnorm1d(bn_cls, bias, affine, device):
 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("bn_cls", [nn.BatchNorm2d, tb.BatchNorm2d], ids=["torch.nn", "bnkit"])
+@pytest.mark.parametrize("bn_cls", [nn.BatchNorm2d, bnkit.BatchNorm2d], ids=["torch.nn", "bnkit"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_fold_conv2d_and_batchnorm2d(bn_cls, bias, affine, device):
     model = _prepare(_conv_model(bn_cls, bias, affine, device))
@@ -561,9 +562,9 @@ def test_a_folded_linear_refuses_input_that_is_not_2d():
     """Linear acts on the last axis, BatchNorm1d on axis 1: for (m, C, L) input with L equal to the
     Linear's output size the pair runs, but it is not one affine map, so the folded layer refuses it."""
     model = _prepare(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).to(DT))
-    folded = tb.fold_bn(model)
+    folded = bnkit.fold_bn(model)
     linear = folded.get_submodule("0")
-    assert isinstance(linear, tb.FoldedLinear) and isinstance(linear, nn.Linear)
+    assert isinstance(linear, folding.FoldedLinear) and isinstance(linear, nn.Linear)
     x3 = _randn((5, 4, 4), "cpu", 6)
     copy.deepcopy(model).eval()(x3)  # the original model accepts it
     with pytest.raises(ValueError, match=r"valid for input \(m, n\) only"):
@@ -573,9 +574,9 @@ def test_a_folded_linear_refuses_input_that_is_not_2d():
         torch.testing.assert_close(folded(x2), copy.deepcopy(model).eval()(x2), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("bn_cls", [nn.BatchNorm1d, tb.BatchNorm1d], ids=["torch.nn", "bnkit"])
+@pytest.mark.parametrize("bn_cls", [nn.BatchNorm1d, bnkit.BatchNorm1d], ids=["torch.nn", "bnkit"])
 def test_a_batchnorm_after_relu_is_not_folded(bn_cls):
     model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), bn_cls(5), nn.Linear(5, 3)).to(DT)
     _assert_folds(_prepare(model), _randn((7, 6), "cpu", 5), bn_left=1)
-    folded = tb.fold_bn(model)
+    folded = bnkit.fold_bn(model)
     assert not any(m.training for m in folded.modules())  # the BN that stays is in eval mode

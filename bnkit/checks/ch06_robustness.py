@@ -6,7 +6,7 @@
                        statistics of the unlabelled inputs X_target (AdaBN)
 
 Each runs the learner's function on fresh inputs, prints one line on success and raises
-``bnkit.check.ExerciseError`` with a message that names the mistake on failure.
+``bnkit.checks.ExerciseError`` with a message that names the mistake on failure.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnkit import torch_bn
-from bnkit.check import Case, ExerciseError, call_learner, check_function
-from bnkit.nets import mlp
+import bnkit
+from bnkit.checks._core import Case, ExerciseError, call_learner, check_function
+from bnkit.course.nets import mlp
 
 __all__ = ["ExerciseError", "steps_needed", "adabn"]
 
@@ -74,10 +74,10 @@ def steps_needed(fn: Callable, seed: int = 0) -> None:
 def _model(seed: int) -> nn.Module:
     """A small BN classifier (6 inputs, two BN layers of 8) in eval mode, with running
     statistics far from those of any target data."""
-    model = mlp(hidden=(8, 8), seed=seed, in_features=6, num_classes=4, norm=torch_bn.BatchNorm1d)
+    model = mlp(hidden=(8, 8), seed=seed, in_features=6, num_classes=4, norm=bnkit.BatchNorm1d)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for bn in torch_bn.bn_layers(model):
+        for bn in bnkit.bn_layers(model):
             bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen))
             bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) * 2 + 0.5)
             bn.num_batches_tracked.fill_(100)
@@ -97,7 +97,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _stats(model: nn.Module) -> list[tuple[str, np.ndarray, np.ndarray]]:
     names = {m: n for n, m in model.named_modules()}
     return [(names[bn], bn.running_mean.double().numpy(), bn.running_var.double().numpy())
-            for bn in torch_bn.bn_layers(model)]
+            for bn in bnkit.bn_layers(model)]
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -157,7 +157,7 @@ def _diagnose(old, got, exact, count: int, label: str) -> str:
     if 0.02 < w < 0.98 and np.linalg.norm(g_mean - o_mean - w * step) < 0.25 * np.linalg.norm(step):
         return (f"in layer {name!r} the mean moved only part of the way (about {w:.0%}) from its old value "
                 "towards the mean of X_target: a running average with momentum keeps a share of the old "
-                "statistics. Use population statistics instead: bnkit.torch_bn.recompute_stats(copy, batches, "
+                "statistics. Use population statistics instead: bnkit.bnkit.recompute_stats(copy, batches, "
                 "estimator=\"exact\", upstream=\"eval\")")
     i = int(np.argmax(np.abs(g_mean - e_mean)))
     return (f"wrong statistics in layer {name!r} on {label}: feature {i} has running_mean {g_mean[i]:.4g}, "
@@ -175,10 +175,10 @@ def adabn(fn: Callable, seed: int = 0) -> None:
         label = f"case {k + 1}: X_target of shape {X.shape}"
         model = _model(model_seed)
         adapted = _call_adabn(fn, model, X, label)
-        if len(torch_bn.bn_layers(adapted)) != len(torch_bn.bn_layers(model)):
+        if len(bnkit.bn_layers(adapted)) != len(bnkit.bn_layers(model)):
             raise ExerciseError("adabn: the model you returned does not have the BN layers of the model passed in")
         reference = copy.deepcopy(model)
-        torch_bn.recompute_stats(reference, [torch.as_tensor(X)], estimator="exact", upstream="eval")
+        bnkit.recompute_stats(reference, [torch.as_tensor(X)], estimator="exact", upstream="eval")
         got, exact = _stats(adapted), _stats(reference)
         if all(_close(g[1], e[1]) and _close(g[2], e[2]) for g, e in zip(got, exact)):
             continue

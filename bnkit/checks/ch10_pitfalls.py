@@ -4,7 +4,7 @@
     stable_variance(fn)     fn(z) -> var (n,), the biased per-feature variance, stable in float32
 
 Each runs the learner's function on fresh inputs, prints one line on success and raises an
-``ExerciseError`` that names the mistake otherwise (``bnkit.check``'s conventions).
+``ExerciseError`` that names the mistake otherwise (``bnkit.checks._core``'s conventions).
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnkit import running, torch_bn
-from bnkit.check import Case, ExerciseError, _call, call_learner
+import bnkit
+from bnkit import running
+from bnkit.checks._core import Case, ExerciseError, _call, call_learner
 
 __all__ = ["ExerciseError", "batch_stat_layers", "stable_variance"]
 
@@ -66,7 +67,7 @@ def _layer_cases() -> list[Case]:
         Case("model.eval(), then model[4].train(): the model itself says eval", (one_back,)),
         Case("model.train(), then model[1].eval(): the model itself says train", (one_frozen,)),
         Case("a conv net with BatchNorm2d and BatchNorm1d, in training mode", (_convnet().train(),)),
-        Case("an MLP of bnkit.torch_bn.BatchNorm1d layers (a subclass), in training mode", (_mlp(torch_bn.BatchNorm1d).train(),)),
+        Case("an MLP of bnkit.bnkit.BatchNorm1d layers (a subclass), in training mode", (_mlp(bnkit.BatchNorm1d).train(),)),
         Case("a BN layer inside a nested Sequential, in training mode", (nested,)),
         Case("model.eval() with a BatchNorm1d(track_running_stats=False)", (no_running,)),
         Case("LayerNorm, Dropout and GroupNorm in training mode, the only BN in eval mode", (other_norms,)),

@@ -1,0 +1,138 @@
+"""Exercise checkers for chapter 5, population statistics.
+
+    merge(fn)         fn(a, b) -> (count, mean, m2), a and b are running.BatchStats
+    algorithm2(fn)    fn(mus, variances, m) -> (mean, var)
+
+Each compares the learner's function with bnkit on fresh inputs and names the typical
+mistake when the output matches a known wrong variant.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from bnkit import running
+from bnkit.checks._core import Case, _check_returns, _features, _numpy, _pair, check_function
+
+__all__ = ["merge", "algorithm2"]
+
+
+def _stats(rng: np.random.Generator, count: int, n: int, offset: float = 0.0) -> running.BatchStats:
+    """The BatchStats of ``count`` random values per feature (n features)."""
+    if count == 0:
+        return running.BatchStats(0, np.zeros(n), np.zeros(n))
+    z = rng.normal(size=(count, n)) * rng.uniform(0.5, 3, n) + rng.normal(0, 3, n) + offset
+    return running.batch_stats(z)
+
+
+def _triple(fn: Callable) -> Callable:
+    """Wrap fn(a, b) -> (count, mean, m2) so that the checker sees one array [count, mean..., m2...]."""
+
+    @functools.wraps(fn)
+    def wrapped(a: running.BatchStats, b: running.BatchStats) -> Any:
+        out = fn(a, b)
+        if not (isinstance(out, (tuple, list)) and len(out) == 3):
+            return out  # None, or the wrong kind of result: check_function explains
+        count, mean, m2 = out
+        count = _numpy(count)
+        if count.size != 1:
+            count = np.full(1, np.nan)  # a count per feature: the comparison fails and says where
+        return np.concatenate([count.ravel(), _numpy(mean).ravel(), _numpy(m2).ravel()])
+
+    return wrapped
+
+
+def merge(fn: Callable, seed: int = 0) -> None:
+    """Check ``fn(a, b) -> (count, mean, m2)``: Chan et al.'s exact merge of two BatchStats."""
+    rng = np.random.default_rng(seed)
+    cases = [
+        Case("two batches of 64 and 64 values, 4 features", (_stats(rng, 64, 4), _stats(rng, 64, 4))),
+        Case("uneven batches of 50 and 3 values, 5 features", (_stats(rng, 50, 5), _stats(rng, 3, 5))),
+        Case("a single value (count 1, m2 = 0) and a batch of 10", (_stats(rng, 1, 3), _stats(rng, 10, 3))),
+        Case("an empty set (count 0) and a batch of 7", (_stats(rng, 0, 3), _stats(rng, 7, 3))),
+        Case("a batch of 9 and an empty set (count 0)", (_stats(rng, 9, 2), _stats(rng, 0, 2))),
+        Case("batches of 1000 and 20 values around 1e6", (_stats(rng, 1000, 3, 1e6), _stats(rng, 20, 3, 1e6))),
+    ]
+
+    def reference(a, b):
+        s = running.merge(a, b)
+        return np.concatenate([[s.count], s.mean, s.m2])
+
+    def variant(spread: str = "right", mean: str = "weighted"):
+        def f(a, b):
+            n = a.count + b.count
+            if n == 0:
+                raise ValueError("not applicable")
+            delta = b.mean - a.mean
+            new_mean = (a.mean + b.mean) / 2 if mean == "plain" else (a.count * a.mean + b.count * b.mean) / n
+            extra = {"right": delta**2 * a.count * b.count / n, "none": 0 * delta,
+                     "no_n": delta**2 * a.count * b.count}[spread]
+            return np.concatenate([[n], new_mean, a.m2 + b.m2 + extra])
+
+        return f
+
+    diagnoses = [
+        (variant(spread="none"), "you added the two M2s but left out the spread between the two means: "
+         "M2 = M2_a + M2_b + delta**2 * n_a * n_b / n, with delta = mean_b - mean_a"),
+        (variant(mean="plain", spread="none"), "weight each mean by its count: mean = (n_a mean_a + n_b mean_b) / n "
+         "(and M2 also needs the term delta**2 * n_a * n_b / n)"),
+        (variant(mean="plain"), "weight each mean by its count: mean = (n_a mean_a + n_b mean_b) / n, "
+         "not the plain average of the two means"),
+        (variant(spread="no_n"), "the spread term is delta**2 * n_a * n_b / n: you forgot to divide by n = n_a + n_b"),
+        (lambda a, b: np.concatenate([[a.count + b.count], (a.mean + b.mean) / 2, (a.m2 + b.m2) / 2]),
+         "you averaged the two sets' statistics: counts add, means are weighted by the counts, and M2 is a "
+         "sum of squares, M2 = M2_a + M2_b + delta**2 * n_a * n_b / n"),
+    ]
+    _check_returns("merge", fn, cases[0], 3, "(count, mean, m2)")
+    check_function("merge", _triple(fn), reference, cases, diagnoses)
+
+
+def algorithm2(fn: Callable, seed: int = 0) -> None:
+    """Check ``fn(mus, variances, m) -> (mean, var)``: Ioffe & Szegedy's Algorithm 2."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for label, T, n, m, dtype in [
+        ("10 batches of m = 16, 4 features", 10, 4, 16, np.float64),
+        ("3 batches of m = 2 (the smallest batch), 5 features", 3, 5, 2, np.float64),
+        ("40 batches of m = 5, 3 features", 40, 3, 5, np.float64),
+        ("a single batch of m = 8, 6 features", 1, 6, 8, np.float64),
+        ("7 batches of m = 32, float32", 7, 2, 32, np.float32),
+    ]:
+        mean, var = _features(rng, n)
+        z = mean + np.sqrt(var) * rng.normal(size=(T, m, n))  # (T, m, n): T batches of m examples
+        mus, variances = z.mean(axis=1), z.var(axis=1)  # (T, n) batch means, biased batch variances
+        cases.append(Case(f"{label} (mus, variances of shape {mus.shape})",
+                          (mus.astype(dtype), variances.astype(dtype), m)))
+
+    def reference(mus, variances, m):
+        return np.stack(running.algorithm2(mus, variances, m))
+
+    diagnoses = [
+        (lambda mus, v, m: np.stack([mus.mean(0), v.mean(0)]),
+         "you forgot the m/(m-1) correction: Var[x] = m/(m-1) * E_B[var_B], because the batch variances are the "
+         "biased (1/m) ones"),
+        (lambda mus, v, m: np.stack([mus.mean(0), v.mean(0) * (m - 1) / m]),
+         "the correction is upside down: Var[x] = m/(m-1) * E_B[var_B], larger than the average"),
+        (lambda mus, v, m: np.stack([mus.mean(0), v.mean(0) * len(v) / (len(v) - 1)]),
+         "the correction uses the batch size m, m/(m-1), not the number of batches"),
+        (lambda mus, v, m: np.stack([mus.mean(0), m / (m - 1) * (v.mean(0) + mus.var(0))]),
+         "you averaged the variances but also added the spread of the batch means: that is (nearly) the "
+         "whole-set variance, not Algorithm 2, which is only m/(m-1) * E_B[var_B]"),
+        (lambda mus, v, m: np.stack([mus.mean(0), (v.mean(0) + mus.var(0)) * len(v) * m / (len(v) * m - 1)]),
+         "you averaged the variances but also added the spread of the batch means: that is the whole-set "
+         "variance, not Algorithm 2, which is only m/(m-1) * E_B[var_B]"),
+        (lambda mus, v, m: np.stack([mus.mean(0), mus.var(0)]),
+         "that is the variance of the batch means, not the average variance within a batch: "
+         "Var[x] = m/(m-1) * E_B[var_B]"),
+        (lambda mus, v, m: np.stack([mus.mean(0), m / (m - 1) * np.sqrt(v).mean(0) ** 2]),
+         "you averaged standard deviations: Algorithm 2 averages the variances, m/(m-1) * E_B[var_B]"),
+        (lambda mus, v, m: np.stack([mus[-1], m / (m - 1) * v[-1]]),
+         "you used only the last batch: average over all the batches (axis 0)"),
+        (lambda mus, v, m: np.stack([mus.mean(1), m / (m - 1) * v.mean(1)]),
+         "you averaged over the features (axis 1): average over the batches, axis 0, one value per feature"),
+    ]
+    _check_returns("algorithm2", fn, cases[0], 2, "the pair (mean, var)")
+    check_function("algorithm2", _pair(fn), reference, cases, diagnoses)

@@ -1,0 +1,100 @@
+"""Drop-in Batch Norm modules for ``torch.nn``'s, with a choice of running estimator.
+
+``BatchNorm1d`` / ``BatchNorm2d`` / ``BatchNorm3d`` take the same constructor arguments and
+keep the same state_dict keys as ``torch.nn``'s (weights load both ways), plus
+``estimator``: how the running statistics are estimated ("ema", "ema_debiased",
+"cumulative"; see ``bnkit.running``). The mathematics is ``F.batch_norm``'s (the same as
+``bnkit.reference``); the module keeps the state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnkit import running
+from bnkit._validate import check_batch_size, check_eps, check_finite_batch, check_momentum
+
+
+class _EstimatorBatchNorm(_BatchNorm):
+    """torch.nn's BatchNorm with a choice of how the running statistics are estimated.
+
+    In training mode the layer normalises with the batch mean and the *biased* batch
+    variance, and updates, per feature/channel,
+
+        running <- (1 - w_t) * running + w_t * batch,   t = num_batches_tracked
+
+    with the *unbiased* batch variance, as torch.nn does. w_t depends on ``estimator``:
+    "ema": w_t = momentum (torch.nn's rule, default 0.1; momentum=None is "cumulative"),
+    "ema_debiased": the bias-corrected EWA with beta = 1 - momentum, "cumulative": 1 / t.
+    In eval mode it normalises with running_mean and running_var. ``self.training`` is the
+    only mode switch. A refused batch (ValueError) leaves the running statistics unchanged.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        estimator: str = "ema",
+    ) -> None:
+        check_eps(eps)
+        check_momentum(momentum)
+        if estimator not in running.ESTIMATORS:
+            raise ValueError(f"estimator must be one of {running.ESTIMATORS}, got {estimator!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.estimator = estimator
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", estimator={self.estimator!r}"
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(z)  # ValueError for a wrong number of dimensions
+        if z.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected {self.num_features} features/channels on axis 1, got input of shape {tuple(z.shape)}"
+            )
+        check_eps(self.eps)
+        check_momentum(self.momentum)
+        if not self.training and self.track_running_stats:  # test time: fixed statistics
+            return F.batch_norm(z, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        count = check_batch_size(z)  # values per feature/channel, more than one
+        # The batch statistics land in fresh buffers: with momentum 1 the kernel writes the batch
+        # mean and the unbiased batch variance there, and nothing of ours changes before the checks.
+        dtype = self.running_mean.dtype if self.running_mean is not None else z.dtype
+        mu = torch.zeros(self.num_features, device=z.device, dtype=dtype)
+        var_unbiased = torch.ones(self.num_features, device=z.device, dtype=dtype)
+        z_tilde = F.batch_norm(z, mu, var_unbiased, self.weight, self.bias, True, 1.0, self.eps)
+        check_finite_batch(mu)  # a NaN or inf in z shows in mu ...
+        check_finite_batch(var_unbiased)  # ... and squares that overflow show in the variance
+        if self.training and self.track_running_stats:
+            self._update_running(mu, var_unbiased * ((count - 1) / count), count)
+        return z_tilde
+
+    @torch.no_grad()
+    def _update_running(self, mu: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        self.num_batches_tracked.add_(1)
+        needs_t = self.estimator != "ema" or self.momentum is None
+        t = int(self.num_batches_tracked) if needs_t else 1  # "ema" does not depend on t
+        mean, var = running.update_running(
+            self.running_mean, self.running_var, mu, var, count, t, self.estimator, self.momentum
+        )
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var)
+
+
+class BatchNorm1d(_EstimatorBatchNorm, nn.BatchNorm1d):
+    """Drop-in for torch.nn.BatchNorm1d: input (m, n) or (m, C, L). See _EstimatorBatchNorm."""
+
+
+class BatchNorm2d(_EstimatorBatchNorm, nn.BatchNorm2d):
+    """Drop-in for torch.nn.BatchNorm2d: input (m, C, H, W). See _EstimatorBatchNorm."""
+
+
+class BatchNorm3d(_EstimatorBatchNorm, nn.BatchNorm3d):
+    """Drop-in for torch.nn.BatchNorm3d: input (m, C, D, H, W). See _EstimatorBatchNorm."""
