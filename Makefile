@@ -5,6 +5,9 @@ PYTHON_SYSTEM ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# axe-core (npm, pinned in tools/axe/package-lock.json), injected into every page by the
+# browser test (tests/test_browser.py).
+AXE    := tools/axe/node_modules/axe-core/axe.min.js
 # jupyter-book has no `python -m` entry point; this is what its console script runs.
 JB     := $(PY) -c 'import sys; from jupyter_book.cli.main import main; sys.exit(main())'
 
@@ -19,7 +22,7 @@ NBVAL_ARGS := --nbval --nbval-current-env --nbval-cell-timeout=600
 
 .PHONY: venv book test outputs exercises lab bench clean
 
-venv: $(STAMP)
+venv: $(STAMP) $(AXE)
 
 # Re-installs only when requirements.txt or pyproject.toml change.
 $(STAMP): requirements.txt pyproject.toml
@@ -29,11 +32,16 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip check
 	touch $@
 
+# Re-installs only when the lock file changes; `npm ci` installs exactly what it pins.
+$(AXE): tools/axe/package-lock.json
+	npm ci --prefix tools/axe --ignore-scripts --no-audit --no-fund
+	touch $@
+
 book: $(STAMP)
 	$(JB) build -W -n --keep-going --builder html .
 	@echo "HTML in _build/html (open _build/html/index.html)"
 
-test: $(STAMP)
+test: $(STAMP) $(AXE)
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) tests $(NOTEBOOKS) $(NBVAL_ARGS)
 
 outputs: $(STAMP)

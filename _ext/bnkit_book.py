@@ -17,14 +17,22 @@
    planned chapters that are not in the book yet. A notebook in the toc with no
    outcome or no recorded run time is a warning (an error under -W).
 
-3. Two fixes of the theme's pages, found by tests/test_browser.py: scripts that
+3. Fixes of the theme's pages, found by tests/test_browser.py: scripts that
    jupyter-book 1 puts twice on every page (one throws), and pydata-sphinx-theme's
    empty default colour mode (a console error).
+
+4. Every screen and every reader (checked by tests/test_browser.py, axe-core included):
+   _static/bnkit-book.js makes the visible navigation buttons work (the theme binds only
+   the first, hidden one) and _static/bnkit-book.css keeps pages within a phone's width;
+   the templates in _ext/templates/ replace three of the theme's components whose
+   accessible names or landmarks axe rejects; `accessible_body` fixes the page body's
+   markup (the bibliography's list roles, empty table headers).
 """
 from __future__ import annotations
 
 import json
 import posixpath
+import re
 import sys
 from pathlib import Path
 
@@ -214,6 +222,30 @@ def dedupe_scripts(app: Sphinx, pagename: str, templatename: str, context: dict,
     context["script_files"] = unique
 
 
+# --- 4. every screen and every reader ----------------------------------------------
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def add_templates(app: Sphinx, config) -> None:
+    """Put _ext/templates/ first, so its components replace the theme's of the same name."""
+    config.templates_path = [str(TEMPLATES), *config.templates_path]
+
+
+_EMPTY_TH = re.compile(r"<th(\s[^>]*)?>(\s*)</th>")
+
+
+def accessible_body(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    """Docutils marks the bibliography `role="list"` with `role="doc-biblioentry"` entries,
+    a deprecated role that is no list item (axe: aria-required-children, critical); a table's
+    empty corner cell (a pandas index) is a header with no text (empty-table-header): it
+    becomes a plain cell."""
+    body = context.get("body")
+    if isinstance(body, str):
+        body = body.replace('role="doc-biblioentry"', 'role="listitem"')
+        context["body"] = _EMPTY_TH.sub(r"<td\1>\2</td>", body)
+
+
 def setup(app: Sphinx) -> dict:
     app.connect("builder-inited", write_learners_copies)
     app.connect("doctree-resolved", add_learners_link)
@@ -222,4 +254,8 @@ def setup(app: Sphinx) -> dict:
     app.add_directive("chapter-list", ChapterList)
     app.connect("html-page-context", default_mode)
     app.connect("html-page-context", dedupe_scripts, priority=900)
+    app.connect("config-inited", add_templates)
+    app.connect("html-page-context", accessible_body)
+    app.add_js_file("bnkit-book.js")
+    app.add_css_file("bnkit-book.css")
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}

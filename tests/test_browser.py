@@ -11,15 +11,23 @@ every page of it is opened once. The tests below then check, over all pages:
 - every image loaded;
 - every exercise solution (its code and its explanation) collapsed, and opened by a click on the
   toggle button of its title; one solution per exercise;
-- the "next" links, followed from index.html, reach every page of _toc.yml in order.
+- the "next" links, followed from index.html, reach every page of _toc.yml in order;
+- every image has alternative text, none empty or a file name;
+- no page is wider than a 360 px screen (tables and equations scroll in their own box);
+- axe-core finds no accessibility violation, in light and in dark mode;
+- the navigation buttons work: at 390 and 800 px the menu button opens the chapter list
+  (and Escape closes it) and the "Contents" button the page's contents; at 1280 px the
+  menu button collapses and restores the sidebar.
 
-A full-page screenshot of each page (and of each chapter with its solutions
-open) is saved to the folder named by BNKIT_ARTIFACTS, by default
+A full-page screenshot of each page at 1280 px and at 390 px (and of each chapter
+with its solutions open) is saved to the folder named by BNKIT_ARTIFACTS, by default
 _build/screenshots/.
 
 Needs Chromium: Debian's `chromium` package (`apt-get install chromium`), or any
 Chromium/Chrome binary named by BNKIT_CHROMIUM. Without one, the tests are
 skipped, except where CI=true, where they fail (so CI cannot pass without them).
+The accessibility tests also need axe-core, pinned in tools/axe/package-lock.json and
+installed by `make venv` (`npm ci`); without it they are skipped, or fail under CI=true.
 """
 from __future__ import annotations
 
@@ -48,6 +56,9 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 PAGE_TIMEOUT_MS = 60_000
+AXE = REPO / "tools" / "axe" / "node_modules" / "axe-core" / "axe.min.js"
+PHONE, SMALL_PHONE, TABLET, DESKTOP = 390, 360, 800, 1280  # viewport widths, px
+NAV_PAGE = "chapters/03_ewa.html"  # the page whose navigation buttons are tried
 HOW_TO_ENABLE = (
     "install Chromium (Debian/Ubuntu: `apt-get install --no-install-recommends chromium`) "
     "or set BNKIT_CHROMIUM=/path/to/chromium, and `pip install -r requirements.txt` (playwright)"
@@ -132,6 +143,9 @@ class Visit:
     solutions: list[str] = field(default_factory=list)  # solution problems
     n_solutions: int = 0
     n_exercises: int = 0
+    alt: list[str] = field(default_factory=list)  # images with no meaningful alternative text
+    too_wide: list[str] = field(default_factory=list)  # what sticks out of a 360 px screen
+    axe: dict = field(default_factory=dict)  # colour mode -> axe's violations (None: no axe)
 
 
 # In the page, once loaded: let MathJax finish, make lazy images load, wait for them all.
@@ -170,10 +184,59 @@ VISIBLE_JS = """el => Array.from(el.children).filter(c => !c.classList.contains(
              && Number(getComputedStyle(c).opacity) > 0)"""
 
 
+# Images whose alternative text is missing, empty, or a file name / path (what Sphinx writes
+# when a figure has none). Purely decorative images would need alt="" and role="presentation";
+# the book has none.
+ALT_JS = r"""() => Array.from(document.images)
+  .filter(img => { const alt = (img.getAttribute('alt') || '').trim();
+                   return !alt || /^[^\s]*\.(png|jpe?g|svg|gif|webp)$/i.test(alt) || alt.includes('_images/'); })
+  .map(img => `${img.getAttribute('src')} (alt=${JSON.stringify(img.getAttribute('alt'))})`)"""
+
+# Is the page wider than the window? Then: the innermost elements that stick out on the right
+# (their own parents fit), as "tag.class: right edge", for the message.
+TOO_WIDE_JS = r"""async () => {
+  await new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)));
+  const width = window.innerWidth;
+  if (Math.max(document.documentElement.scrollWidth, document.body.scrollWidth) <= width) return [];
+  const clips = el => ['auto', 'scroll', 'hidden', 'clip'].includes(getComputedStyle(el).overflowX);
+  const out = el => el.getBoundingClientRect().right > width + 1
+      && !(el.parentElement && el.parentElement.closest && (() => {  // clipped by a box that fits
+        for (let a = el.parentElement; a && a !== document.body; a = a.parentElement)
+          if (clips(a) && a.getBoundingClientRect().right <= width + 1) return true;
+        return false; })());
+  const culprits = Array.from(document.body.querySelectorAll('*')).filter(el => out(el)
+      && el.getClientRects().length && !Array.from(el.children).some(out));
+  const name = el => el.tagName.toLowerCase() + (el.className && typeof el.className === 'string'
+      ? '.' + el.className.trim().split(/\s+/).join('.') : '');
+  return [`page ${document.documentElement.scrollWidth} px wide in a ${width} px window`,
+          ...culprits.slice(0, 5).map(el => `${name(el)} reaches ${Math.round(el.getBoundingClientRect().right)} px: `
+                                            + JSON.stringify(el.textContent.trim().slice(0, 60)))];
+}"""
+
+# axe-core's violations on the page, as plain data (rule, impact, number of nodes, first targets).
+AXE_JS = """async () => {
+  const result = await axe.run(document, {resultTypes: ['violations']});
+  return result.violations.map(v => ({id: v.id, impact: v.impact, help: v.help, n: v.nodes.length,
+                                      targets: v.nodes.slice(0, 3).map(n => n.target.join(' '))}));
+}"""
+
+
+def _axe_both_modes(page) -> dict:
+    """{"light": violations, "dark": violations}: the theme's colour mode is switched the
+    way its own switch does it (data-theme on <html>), then set back to light."""
+    page.add_script_tag(path=str(AXE))
+    found = {}
+    for mode in ("light", "dark"):
+        page.evaluate("mode => { document.documentElement.dataset.theme = mode; }", mode)
+        found[mode] = page.evaluate(AXE_JS)
+    page.evaluate("() => { document.documentElement.dataset.theme = 'light'; }")
+    return found
+
+
 REFRESH = re.compile(r"""<meta[^>]*http-equiv=["']refresh["'][^>]*url=([^"';]+)""", re.I)
 
 
-def _visit(page, base: str, name: str, html: Path, screenshots: Path) -> Visit:
+def _visit(page, base: str, name: str, html: Path, screenshots: Path, axe: bool) -> Visit:
     visit = Visit(name)
     page.on("pageerror", lambda exc: visit.errors.append(f"uncaught exception: {exc}"))
     page.on("console", lambda msg: msg.type == "error" and visit.errors.append(f"console error: {msg.text}"))
@@ -216,13 +279,67 @@ def _visit(page, base: str, name: str, html: Path, screenshots: Path) -> Visit:
             visit.solutions.append(f"{label} does not open on a click on its toggle button")
     if solutions:
         page.screenshot(path=str(shot.with_name(shot.stem + "--solutions-open.png")), full_page=True)
+
+    visit.alt = page.evaluate(ALT_JS)
+    visit.axe = _axe_both_modes(page) if axe else None
+    page.set_viewport_size({"width": SMALL_PHONE, "height": 800})
+    visit.too_wide = page.evaluate(TOO_WIDE_JS)
+    page.set_viewport_size({"width": PHONE, "height": 844})
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+    page.screenshot(path=str(shot.with_name(f"{shot.stem}--{PHONE}px.png")), full_page=True)
     return visit
 
 
+def _visible(page, selector: str) -> bool:
+    return page.locator(selector).first.is_visible()
+
+
+def _try_navigation(context, base: str) -> list[str]:
+    """What goes wrong when a reader uses the navigation buttons of NAV_PAGE (empty: nothing)."""
+    problems = []
+    page = context.new_page()
+    chapters = "dialog[open] nav.bd-docs-nav a.reference.internal"
+    contents = "dialog[open] #pst-page-toc-nav a"
+    try:
+        for width in (PHONE, TABLET):
+            page.set_viewport_size({"width": width, "height": 844})
+            page.goto(f"{base}/{NAV_PAGE}", wait_until="load", timeout=PAGE_TIMEOUT_MS)
+            page.locator(".primary-toggle:visible").first.click()
+            links = page.locator(chapters)
+            shown = sum(links.nth(i).is_visible() for i in range(links.count()))
+            if shown < len(toc_files()):
+                problems.append(f"{width} px: the menu button shows {shown} chapter links, "
+                                f"expected the {len(toc_files())} of _toc.yml")
+            page.keyboard.press("Escape")
+            try:
+                page.wait_for_function("() => !document.querySelector('dialog[open]')", timeout=5_000)
+            except Exception:
+                problems.append(f"{width} px: Escape does not close the chapter list")
+            page.locator(".secondary-toggle:visible").first.click()
+            if not _visible(page, contents):
+                problems.append(f"{width} px: the Contents button does not show the page's contents")
+            page.keyboard.press("Escape")
+        page.set_viewport_size({"width": DESKTOP, "height": 900})
+        page.goto(f"{base}/{NAV_PAGE}", wait_until="load", timeout=PAGE_TIMEOUT_MS)
+        shown = "() => !document.querySelector('#pst-primary-sidebar').classList.contains('pst-sidebar-hidden')"
+        for click, expected in ((0, True), (1, False), (2, True)):
+            try:  # the theme hides the sidebar by this class (and a transition)
+                page.wait_for_function(shown if expected else f"() => !({shown})()", timeout=5_000)
+            except Exception:
+                problems.append(f"{DESKTOP} px: after {click} click(s) on the menu button the sidebar is "
+                                f"{'hidden' if expected else 'still shown'}")
+            if click < 2:
+                page.locator(".primary-toggle:visible").first.click()
+    finally:
+        page.close()
+    return problems
+
+
 @pytest.fixture(scope="module")
-def browse(chromium, server, html) -> tuple[dict[str, Visit], list[str]]:
+def browse(chromium, server, html) -> tuple[dict[str, Visit], list[str], list[str]]:
     """Open every page of the build once, then follow the "next" links from
-    index.html: ({page path: what it showed}, [the pages reached, in order])."""
+    index.html, then try the navigation buttons: ({page path: what it showed},
+    [the pages reached, in order], [what went wrong with the navigation])."""
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -248,15 +365,16 @@ def browse(chromium, server, html) -> tuple[dict[str, Visit], list[str]]:
             for name in names:
                 page = context.new_page()
                 try:
-                    results[name] = _visit(page, server, name, html, ARTIFACTS)
+                    results[name] = _visit(page, server, name, html, ARTIFACTS, AXE.is_file())
                     results[name].foreign = list(foreign)
                     foreign.clear()
                 finally:
                     page.close()
             reached = _follow_next(context, server)
+            navigation = _try_navigation(context, server)
         finally:
             browser.close()
-    return results, reached
+    return results, reached, navigation
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +456,36 @@ def test_next_links_reach_every_chapter_in_order(browse):
     reached = browse[1]
     expected = [p.relative_to(REPO).with_suffix(".html").as_posix() for p in toc_files()]
     assert reached == expected, f"following 'next' from index.html reached {reached}, expected {expected}"
+
+
+def test_every_image_has_alternative_text(visits):
+    problems = [f"{v.name}: {img}" for v in visits.values() for img in v.alt]
+    assert not problems, ("images with no alternative text, or a file name as text (give the "
+                          "notebook cell `mystnb: image: alt:` metadata):\n" + "\n".join(problems))
+
+
+def test_no_page_is_wider_than_a_phone(visits):
+    problems = [f"{v.name}: {p}" for v in visits.values() for p in v.too_wide]
+    assert not problems, f"pages wider than a {SMALL_PHONE} px screen:\n" + "\n".join(problems)
+
+
+def _axe_violations(visits, impacts: set[str]) -> list[str]:
+    if not AXE.is_file():
+        skip_or_fail(f"axe-core is not installed at {AXE.relative_to(REPO)} (run `make venv`)")
+    return [f"{v.name} ({mode}): {x['impact']} {x['id']} ({x['help']}), {x['n']} node(s): {x['targets']}"
+            for v in visits.values() for mode, found in v.axe.items()
+            for x in found if x["impact"] in impacts]
+
+
+def test_axe_finds_no_critical_or_serious_violation(visits):
+    problems = _axe_violations(visits, {"critical", "serious"})
+    assert not problems, "\n".join(problems)
+
+
+def test_axe_finds_no_moderate_or_minor_violation(visits):
+    problems = _axe_violations(visits, {"moderate", "minor"})
+    assert not problems, "\n".join(problems)
+
+
+def test_navigation_buttons_open_and_close_the_sidebars(browse):
+    assert not browse[2], "\n".join(browse[2])

@@ -77,6 +77,8 @@ def test_unit_histograms_one_panel_per_stage():
     fig, axes = unit_histograms({"a": z, "b": 2 * z}, units=[0, 3])
     assert len(axes) == 2 and [ax.get_title() for ax in axes] == ["a", "b"]
     assert len(axes[0].patches) == 2 * 20  # two units, 20 bins each
+    top, bottom = (ax.get_position() for ax in axes)  # stacked, for phones: same column
+    assert bottom.y1 <= top.y0 and bottom.x0 == pytest.approx(top.x0)
     matplotlib.pyplot.close(fig)
 
 

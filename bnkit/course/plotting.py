@@ -17,9 +17,13 @@ def style() -> None:
             "figure.figsize": (7.0, 3.2),
             "figure.dpi": 100,
             "savefig.dpi": 150,
-            "font.size": 10,
-            "axes.titlesize": 10,
-            "axes.labelsize": 10,
+            # Large enough to read when a 7-inch figure shrinks to a phone's width.
+            "font.size": 12,
+            "axes.titlesize": 12,
+            "axes.labelsize": 12,
+            "xtick.labelsize": 11,
+            "ytick.labelsize": 11,
+            "legend.fontsize": 10,
             "axes.spines.top": False,
             "axes.spines.right": False,
             "axes.grid": True,
@@ -37,19 +41,21 @@ def unit_histograms(
     """Histograms of a few hidden units (columns of z) at several stages, one panel per stage.
 
     stages: title -> array (m, n), e.g. {"z": z, "z_norm": z_norm}; units: column indices.
-    Each panel overlays the chosen units, one colour per unit, on shared bin edges.
+    Each panel overlays the chosen units, one colour per unit, on shared bin edges; the
+    panels are stacked (one above the other), so that each stays readable on a phone.
     Returns the figure and its array of axes (one per stage).
     """
-    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.8), squeeze=False)
-    for ax, (title, z) in zip(axes[0], stages.items()):
+    fig, axes = plt.subplots(len(stages), 1, figsize=(7.0, 2.4 * len(stages)), squeeze=False)
+    axes = axes[:, 0]
+    for ax, (title, z) in zip(axes, stages.items()):
         edges = np.histogram_bin_edges(z[:, list(units)], bins=bins)
         for j, unit in enumerate(units):
             ax.hist(z[:, unit], bins=edges, alpha=0.5, color=COLORS[j % len(COLORS)], label=f"unit {unit}")
         ax.set_title(title)
         ax.set_xlabel("value")
-    axes[0, 0].set_ylabel("examples")
-    axes[0, -1].legend(fontsize=8)
-    return fig, axes[0]
+        ax.set_ylabel("examples")
+    axes[0].legend()
+    return fig, axes
 
 
 def power_of_ten_above(x: float) -> float:
