@@ -2,11 +2,13 @@
 
 1. Learners' copies. At the start of every HTML build, each notebook in _toc.yml
    is turned into its learners' copy by tools/make_exercises.py (every solution
-   replaced by a stub, no outputs; the same file `make exercises` writes) and
+   replaced by a stub, no outputs, MyST turned into plain Markdown with the glued
+   values filled in; the same file `make exercises` writes) and
    written to <html>/exercises/<name>.ipynb. So the published site always ships
    the copies of exactly the notebooks it shows. Every chapter page gets a line
    under its title that downloads its copy, and an entry in the theme's download
-   menu.
+   menu. The solutions the book shows have no `### BEGIN/END SOLUTION` lines
+   (the notebooks keep them).
 
 2. The `chapter-list` directive (used by chapters/intro.md). Its content is YAML:
    for every planned chapter, `name: {title: ..., outcome: what the reader can
@@ -40,7 +42,9 @@ from sphinx.util.docutils import SphinxDirective
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-from make_exercises import EXERCISE, SolutionMarkerError, chapter_number, learner_copy  # noqa: E402
+from make_exercises import (  # noqa: E402
+    BEGIN, END, EXERCISE, ConversionError, SolutionMarkerError, chapter_number, learner_copy, read_book,
+)
 from execute_notebooks import RUNTIMES  # noqa: E402
 from notebooks import toc_files  # noqa: E402
 
@@ -70,14 +74,15 @@ def write_learners_copies(app: Sphinx) -> None:
         return
     out = Path(app.outdir) / LEARNERS_DIR
     out.mkdir(parents=True, exist_ok=True)
+    book = read_book(_toc(app))  # cross-references and citations, as plain Markdown links
     for docname, path in _toc_notebooks(app).items():
         if not path.exists():
             continue  # Sphinx itself reports a toc entry with no file
         nb = nbformat.read(path, as_version=4)
         _n_exercises[docname] = sum(len(EXERCISE.findall(c.source)) for c in nb.cells if c.cell_type == "markdown")
         try:
-            copy = learner_copy(nb, chapter_number(path))
-        except SolutionMarkerError as e:
+            copy = learner_copy(nb, chapter_number(path), book, docname)
+        except (SolutionMarkerError, ConversionError) as e:
             raise ExtensionError(f"learners' copy of {path.name}: {e}") from None
         (out / path.name).write_text(nbformat.writes(copy) + "\n", encoding="utf-8")
 
@@ -123,6 +128,32 @@ def add_learners_button(app: Sphinx, pagename: str, templatename: str, context: 
                 "icon": "fas fa-pencil-alt",
                 "label": "download-learners-copy-button",
             })
+
+
+def hide_solution_markers(app: Sphinx, doctree: nodes.document) -> None:
+    """Drop the `### BEGIN SOLUTION` / `### END SOLUTION` lines from the code the book shows.
+
+    The notebooks keep them (nbval runs the solutions; make_exercises cuts the stubs at
+    them); a reader of a published solution only sees the code between them."""
+    for block in list(doctree.findall(nodes.literal_block)):
+        if not _in_cell_input(block):
+            continue
+        lines = block.astext().split("\n")
+        kept = [line for line in lines if not line.strip().startswith((BEGIN, END))]
+        if len(kept) < len(lines):
+            text = "\n".join(kept)
+            block.rawsource = text  # the HTML writer highlights rawsource
+            block.children = [nodes.Text(text)]
+
+
+def _in_cell_input(node: nodes.Node) -> bool:
+    """Whether the node is the source of a notebook code cell (not a code block in the prose)."""
+    parent = node.parent
+    while parent is not None:
+        if "cell_input" in parent.get("classes", []):
+            return True
+        parent = parent.parent
+    return False
 
 
 # --- 2. the chapter list of the introduction ---------------------------------
@@ -217,6 +248,7 @@ def dedupe_scripts(app: Sphinx, pagename: str, templatename: str, context: dict,
 def setup(app: Sphinx) -> dict:
     app.connect("builder-inited", write_learners_copies)
     app.connect("doctree-resolved", add_learners_link)
+    app.connect("doctree-read", hide_solution_markers)
     # The theme fills the download menu at priority 501.
     app.connect("html-page-context", add_learners_button, priority=600)
     app.add_directive("chapter-list", ChapterList)

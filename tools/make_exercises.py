@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import re
 import sys
@@ -26,7 +27,8 @@ from pathlib import Path
 import nbformat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from notebooks import REPO, TOC, toc_notebooks  # noqa: E402
+from notebooks import REPO, TOC, toc_files, toc_notebooks  # noqa: E402
+from plain_markdown import Book, ConversionError, Converter, chapter_number, glue_data  # noqa: E402
 
 BEGIN, END, HINT = "### BEGIN SOLUTION", "### END SOLUTION", "# HINT:"
 DEFAULT_HINT = "replace this line with your code"
@@ -108,14 +110,30 @@ def strip_solutions(markdown: str) -> str:
     return text
 
 
-def learner_copy(nb: nbformat.NotebookNode, chapter: str = "") -> nbformat.NotebookNode:
-    """A copy of the notebook with stubs for solutions, no solution text and no outputs.
+def read_book(toc: Path = TOC) -> Book:
+    """The book of a _toc.yml (its documents, labels and references.bib), for cross-references."""
+    root = toc.resolve().parent
+    return Book.read(root, toc_files(toc.resolve()), root / "references.bib")
+
+
+@functools.lru_cache(maxsize=1)
+def _default_book() -> Book:
+    return read_book(TOC)
+
+
+def learner_copy(nb: nbformat.NotebookNode, chapter: str = "", book: Book | None = None,
+                 docname: str = "") -> nbformat.NotebookNode:
+    """A copy of the notebook with stubs for solutions, no solution text, no outputs, and
+    plain Markdown (tools/plain_markdown.py) in place of MyST.
 
     A gated solution may span cells (solution-start in one markdown cell, the solution code
     cell, solution-end and its explanation in the next markdown cell): the markdown between
-    the two goes, the code cell stays as a stub.
+    the two goes, the code cell stays as a stub. book (default: the book of _toc.yml) and
+    docname ("chapters/04_running_estimates") resolve cross-references; glued values come
+    from the notebook's own stored outputs. The works cited are listed in a last cell.
     """
     nb = copy.deepcopy(nb)
+    markdown = Converter(book or _default_book(), docname, glue_data(nb), chapter)
     cells, exercise, in_gate = [], 0, False
     for index, cell in enumerate(nb.cells):
         try:
@@ -124,23 +142,22 @@ def learner_copy(nb: nbformat.NotebookNode, chapter: str = "") -> nbformat.Noteb
                 cell.source, in_gate = _strip(cell.source, in_gate)
                 if not cell.source.strip():
                     continue  # the cell held only a solution
+                cell.source, attachments = markdown.cell(cell.source)
+                if attachments:
+                    cell.attachments = attachments
             elif cell.cell_type == "code":
                 label = f"{chapter}.{exercise}" if chapter else f"{exercise}"
                 cell.source = stub_solutions(cell.source, f"Exercise {label}: " if exercise else "")
                 cell.outputs, cell.execution_count = [], None
-        except SolutionMarkerError as e:
-            raise SolutionMarkerError(f"cell {index}: {e}") from None
+        except (SolutionMarkerError, ConversionError) as e:
+            raise type(e)(f"cell {index}: {e}") from None
         cells.append(cell)
     if in_gate:
         raise SolutionMarkerError("{solution-start} with no {solution-end} after it")
+    if references := markdown.references():
+        cells.append(nbformat.v4.new_markdown_cell(references, id="references"))
     nb.cells = cells
     return nb
-
-
-def chapter_number(path: Path) -> str:
-    """'1' for chapters/01_five_steps.ipynb; '' when the name has no leading digits."""
-    m = re.match(r"\d+", path.name)
-    return str(int(m[0])) if m else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,14 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "exercises", help="folder for the copies (default: %(default)s)")
     args = parser.parse_args(argv)
     notebooks = toc_notebooks(args.toc.resolve())
+    book = read_book(args.toc)
     args.out.mkdir(parents=True, exist_ok=True)
     for path in notebooks:
         if not path.exists():
             print(f"error: {path} is listed in {args.toc} but does not exist", file=sys.stderr)
             return 1
         try:
-            learners = learner_copy(nbformat.read(path, as_version=4), chapter_number(path))
-        except SolutionMarkerError as e:
+            docname = path.relative_to(args.toc.resolve().parent).with_suffix("").as_posix()
+            learners = learner_copy(nbformat.read(path, as_version=4), chapter_number(path), book, docname)
+        except (SolutionMarkerError, ConversionError) as e:
             print(f"error: {path}, {e}", file=sys.stderr)
             return 1
         target = args.out / path.name
