@@ -43,7 +43,7 @@ from sphinx.util.docutils import SphinxDirective
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 from make_exercises import (  # noqa: E402
-    BEGIN, END, EXERCISE, ConversionError, SolutionMarkerError, chapter_number, learner_copy, read_book,
+    BEGIN, END, EXERCISE, ConversionError, SolutionMarkerError, learner_copy_of, read_book,
 )
 from execute_notebooks import RUNTIMES  # noqa: E402
 from notebooks import toc_files  # noqa: E402
@@ -81,7 +81,7 @@ def write_learners_copies(app: Sphinx) -> None:
         nb = nbformat.read(path, as_version=4)
         _n_exercises[docname] = sum(len(EXERCISE.findall(c.source)) for c in nb.cells if c.cell_type == "markdown")
         try:
-            copy = learner_copy(nb, chapter_number(path), book, docname)
+            copy = learner_copy_of(path, book, Path(app.srcdir))
         except (SolutionMarkerError, ConversionError) as e:
             raise ExtensionError(f"learners' copy of {path.name}: {e}") from None
         (out / path.name).write_text(nbformat.writes(copy) + "\n", encoding="utf-8")

@@ -29,7 +29,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 from execute_notebooks import RUNTIMES  # noqa: E402
-from make_exercises import BEGIN, chapter_number, learner_copy  # noqa: E402
+from make_exercises import BEGIN, learner_copy_of  # noqa: E402
 from notebooks import toc_files, toc_notebooks  # noqa: E402
 
 CONFIG = yaml.safe_load((REPO / "_config.yml").read_text())
@@ -145,7 +145,7 @@ def test_every_chapter_links_to_its_learners_copy(html, site):
         copy_path = html / posixpath.normpath(posixpath.join(posixpath.dirname(name), downloads[0][0]))
         copy = nbformat.read(copy_path, as_version=4)
         nbformat.validate(copy)
-        expected = learner_copy(nbformat.read(nb_path, as_version=4), chapter_number(nb_path))
+        expected = learner_copy_of(nb_path)
         assert copy == expected, f"{copy_path.name} differs from what `make exercises` writes"
         sources = "\n".join(c.source for c in copy.cells)
         assert BEGIN not in sources and "{solution-start}" not in sources

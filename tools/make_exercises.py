@@ -160,6 +160,12 @@ def learner_copy(nb: nbformat.NotebookNode, chapter: str = "", book: Book | None
     return nb
 
 
+def learner_copy_of(path: Path, book: Book | None = None, root: Path = REPO) -> nbformat.NotebookNode:
+    """The learners' copy of the notebook at path, in the book whose source folder is root."""
+    docname = path.resolve().relative_to(root.resolve()).with_suffix("").as_posix()
+    return learner_copy(nbformat.read(path, as_version=4), chapter_number(path), book, docname)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toc", type=Path, default=TOC, help="the book's _toc.yml (default: %(default)s)")
@@ -173,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} is listed in {args.toc} but does not exist", file=sys.stderr)
             return 1
         try:
-            docname = path.relative_to(args.toc.resolve().parent).with_suffix("").as_posix()
-            learners = learner_copy(nbformat.read(path, as_version=4), chapter_number(path), book, docname)
+            learners = learner_copy_of(path, book, args.toc.resolve().parent)
         except (SolutionMarkerError, ConversionError) as e:
             print(f"error: {path}, {e}", file=sys.stderr)
             return 1

@@ -22,6 +22,7 @@ Fenced code blocks and inline code are left as they are.
 """
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -391,13 +392,10 @@ class Converter:
         target = target.removesuffix(".ipynb").removesuffix(".md")
         if target.startswith("/"):
             return target.lstrip("/")
-        parts = list(PurePosixPath(self.docname).parent.parts) if self.docname else []
-        for part in PurePosixPath(target).parts:
-            if part == "..":
-                parts = parts[:-1]
-            elif part != ".":
-                parts.append(part)
-        return "/".join(parts)
+        if not self.docname:  # a notebook outside the book: the one document of that name
+            named = [d for d in self.book.titles if d == target or d.endswith("/" + target)]
+            return named[0] if len(named) == 1 else target
+        return posixpath.normpath(posixpath.join(posixpath.dirname(self.docname), target))
 
 
 def _closing(lines: list[str], start: int, fence: str) -> int:
