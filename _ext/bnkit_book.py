@@ -7,7 +7,7 @@
    written to <html>/exercises/<name>.ipynb. So the published site always ships
    the copies of exactly the notebooks it shows. Every chapter page gets a line
    under its title that downloads its copy, and an entry in the theme's download
-   menu. The solutions the book shows have no `### BEGIN/END SOLUTION` lines
+   menu; its Binder and Colab buttons open the copy too. The solutions the book shows have no `### BEGIN/END SOLUTION` lines
    (the notebooks keep them).
 
 2. The `chapter-list` directive (used by chapters/intro.md). Its content is YAML:
@@ -43,14 +43,14 @@ from sphinx.util.docutils import SphinxDirective
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 from make_exercises import (  # noqa: E402
-    BEGIN, END, EXERCISE, ConversionError, SolutionMarkerError, learner_copy_of, read_book,
+    BEGIN, END, EXERCISE, LEARNERS_DIR, ConversionError, SolutionMarkerError, learner_copy_of, read_book,
 )
 from execute_notebooks import RUNTIMES  # noqa: E402
 from notebooks import toc_files  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-LEARNERS_DIR = "exercises"  # under the HTML output folder
+# The copies go to <html>/LEARNERS_DIR, the folder `make exercises` writes in the repository.
 _n_exercises: dict[str, int] = {}  # docname -> number of {exercise} directives (set at builder-inited)
 
 
@@ -128,6 +128,31 @@ def add_learners_button(app: Sphinx, pagename: str, templatename: str, context: 
                 "icon": "fas fa-pencil-alt",
                 "label": "download-learners-copy-button",
             })
+
+
+def point_launch_buttons(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    """Make the theme's Binder and Colab buttons open the chapter's learners' copy.
+
+    Binder builds the repository's branch, whose binder/postBuild writes the copies to
+    exercises/ (tools/make_exercises.py), so the button opens exercises/<name>.ipynb there.
+    Colab opens a file of a GitHub branch: the copies the book's CI publishes on the branch
+    `bnkit_learners_branch` (.github/workflows/book.yml), at exercises/<name>.ipynb."""
+    if pagename not in _toc_notebooks(app):
+        return
+    source = f"{pagename}.ipynb"  # the theme's path, relative to the repository (path_to_book "")
+    copy = f"{LEARNERS_DIR}/{posixpath.basename(pagename)}.ipynb"
+    for group in context.get("header_buttons", []):
+        if group.get("label") != "launch-buttons":
+            continue
+        for button in group["buttons"]:
+            url = button.get("url", "")
+            if button.get("text") == "Binder" and url.endswith(f"/{source}"):
+                button["url"] = url[: -len(source)] + copy
+                button["tooltip"] = "Launch the learners' copy on Binder"
+            elif button.get("text") == "Colab" and "/blob/" in url and url.endswith(f"/{source}"):
+                head = url.split("/blob/", 1)[0]
+                button["url"] = f"{head}/blob/{app.config.bnkit_learners_branch}/{copy}"
+                button["tooltip"] = "Launch the learners' copy on Colab"
 
 
 def hide_solution_markers(app: Sphinx, doctree: nodes.document) -> None:
@@ -249,6 +274,9 @@ def setup(app: Sphinx) -> dict:
     app.connect("builder-inited", write_learners_copies)
     app.connect("doctree-resolved", add_learners_link)
     app.connect("doctree-read", hide_solution_markers)
+    # The theme adds the launch buttons at priority 501.
+    app.add_config_value("bnkit_learners_branch", "learners", "html")
+    app.connect("html-page-context", point_launch_buttons, priority=600)
     # The theme fills the download menu at priority 501.
     app.connect("html-page-context", add_learners_button, priority=600)
     app.add_directive("chapter-list", ChapterList)

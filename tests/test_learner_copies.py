@@ -224,3 +224,24 @@ def test_math_targets_code_and_other_roles():
     book = read_book()
     book.equations["eq-a"] = Target("(1)", "chapters/x")
     assert Converter(book, "chapters/x").cell("see {eq}`eq-a`")[0] == "see (1)"
+
+
+# ------------------------------------------------------------------ what the launch buttons open
+
+
+def test_binder_and_colab_find_the_learners_copies():
+    """The launch buttons (tests/test_links.py) open exercises/<chapter>.ipynb: on Binder the
+    copies binder/postBuild writes, on Colab those CI pushes to the branch _config.yml names."""
+    import make_exercises  # tools/ is on sys.path
+
+    commands = [line for line in (REPO / "binder" / "postBuild").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert "python tools/make_exercises.py" in commands  # writes exercises/ (its default --out)
+    assert make_exercises.LEARNERS_DIR == "exercises"
+    branch = yaml.safe_load((REPO / "_config.yml").read_text())["sphinx"]["config"]["bnkit_learners_branch"]
+    jobs = yaml.safe_load((REPO / ".github" / "workflows" / "book.yml").read_text())["jobs"]
+    uploads = [s for s in jobs["test-and-build"]["steps"] if s.get("with", {}).get("name") == "learners-copies"]
+    assert uploads and uploads[0]["with"]["path"].rstrip("/") == "_build/html/exercises"
+    script = "\n".join(s.get("run", "") for s in jobs["learners-branch"]["steps"])
+    assert f"git checkout --orphan {branch}" in script and f"git push --force origin {branch}" in script
+    assert "git add exercises" in script and jobs["learners-branch"]["needs"] == "test-and-build"

@@ -13,6 +13,13 @@ where 1 is the chapter number (the notebook's leading digits) and 2 counts the
 `{solution-end}`, also when they span cells, or a `{solution}` block) are removed from
 the markdown (the code cells inside a gated solution stay, as stubs), and every output
 and execution count is cleared. A BEGIN with no END is an error (exit status 1).
+
+The markdown is turned into plain Markdown that JupyterLab, Jupyter Notebook and Colab
+render as the book does (tools/plain_markdown.py): glued values filled in from the
+notebook's stored outputs, "**Exercise 1.2** (title)", citations, cross-references and
+admonitions; a last cell lists the works cited. A glue key, citation or label the book
+does not hold is an error too. The same copies are the book's downloads and what its
+Binder and Colab buttons open (_ext/bnkit_book.py).
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from notebooks import REPO, TOC, toc_files, toc_notebooks  # noqa: E402
 from plain_markdown import Book, ConversionError, Converter, chapter_number, glue_data  # noqa: E402
 
+LEARNERS_DIR = "exercises"  # where `make exercises` writes the copies (and binder/postBuild)
 BEGIN, END, HINT = "### BEGIN SOLUTION", "### END SOLUTION", "# HINT:"
 DEFAULT_HINT = "replace this line with your code"
 _FENCE = r"^(?P<fence>`{3,}|:{3,})\s*\{%s\}"  # a MyST directive opened by ``` or :::
@@ -169,7 +177,7 @@ def learner_copy_of(path: Path, book: Book | None = None, root: Path = REPO) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toc", type=Path, default=TOC, help="the book's _toc.yml (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=REPO / "exercises", help="folder for the copies (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=REPO / LEARNERS_DIR, help="folder for the copies (default: %(default)s)")
     args = parser.parse_args(argv)
     notebooks = toc_notebooks(args.toc.resolve())
     book = read_book(args.toc)
