@@ -245,3 +245,22 @@ def test_binder_and_colab_find_the_learners_copies():
     script = "\n".join(s.get("run", "") for s in jobs["learners-branch"]["steps"])
     assert f"git checkout --orphan {branch}" in script and f"git push --force origin {branch}" in script
     assert "git add exercises" in script and jobs["learners-branch"]["needs"] == "test-and-build"
+
+
+def test_on_colab_the_copy_installs_what_it_imports():
+    """A Colab runtime has torch, NumPy, scikit-learn and matplotlib, not bnkit or myst-nb: the
+    copy's second cell installs them there (from the repository _config.yml names, which CI
+    points at its own) and is a no-op elsewhere (the copies run in the exercise tests)."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    repository = yaml.safe_load((REPO / "_config.yml").read_text())["repository"]["url"]
+    for path in NOTEBOOKS:
+        copy = learner_copy_of(path)
+        setup = copy.cells[1]
+        assert copy.cells[0].source.startswith("# ") and setup.cell_type == "code", path.name
+        assert f'%pip install --quiet myst-nb "bnkit[course] @ git+{repository}"' in setup.source
+        python = TransformerManager().transform_cell(setup.source)
+        compile(python, path.name, "exec")
+        namespace: dict = {}
+        exec(python.replace("get_ipython()", "(1/0)"), namespace)  # not on Colab: no install
+        assert "sys" in namespace

@@ -12,7 +12,8 @@ where 1 is the chapter number (the notebook's leading digits) and 2 counts the
 `{exercise}` directives so far. The sphinx-exercise solutions (`{solution-start}` ...
 `{solution-end}`, also when they span cells, or a `{solution}` block) are removed from
 the markdown (the code cells inside a gated solution stay, as stubs), and every output
-and execution count is cleared. A BEGIN with no END is an error (exit status 1).
+and execution count is cleared. After the title comes a cell that installs bnkit and
+myst-nb on Colab, and does nothing elsewhere. A BEGIN with no END is an error (exit status 1).
 
 The markdown is turned into plain Markdown that JupyterLab, Jupyter Notebook and Colab
 render as the book does (tools/plain_markdown.py): glued values filled in from the
@@ -32,6 +33,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from notebooks import REPO, TOC, toc_files, toc_notebooks  # noqa: E402
@@ -121,7 +123,24 @@ def strip_solutions(markdown: str) -> str:
 def read_book(toc: Path = TOC) -> Book:
     """The book of a _toc.yml (its documents, labels and references.bib), for cross-references."""
     root = toc.resolve().parent
-    return Book.read(root, toc_files(toc.resolve()), root / "references.bib")
+    book = Book.read(root, toc_files(toc.resolve()), root / "references.bib")
+    config = root / "_config.yml"
+    if config.exists():
+        book.repository = (yaml.safe_load(config.read_text()) or {}).get("repository", {}).get("url", "")
+    return book
+
+
+def colab_setup_cell(repository: str) -> nbformat.NotebookNode:
+    """A code cell that, on Colab only, installs what a chapter imports besides Colab's own
+    packages: bnkit with its course extra, from the book's repository, and myst-nb (`glue`)."""
+    return nbformat.v4.new_code_cell(
+        "# On Colab only: install bnkit and myst-nb, which the chapter imports. Binder, `make lab`\n"
+        "# and the repository's .venv have them already; there this cell does nothing.\n"
+        "import sys\n\n"
+        'if "google.colab" in sys.modules:\n'
+        f'    %pip install --quiet myst-nb "bnkit[course] @ git+{repository}"',
+        id="colab-setup",
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -164,6 +183,10 @@ def learner_copy(nb: nbformat.NotebookNode, chapter: str = "", book: Book | None
         raise SolutionMarkerError("{solution-start} with no {solution-end} after it")
     if references := markdown.references():
         cells.append(nbformat.v4.new_markdown_cell(references, id="references"))
+    imports = "\n".join(c.source for c in cells if c.cell_type == "code")
+    if markdown.book.repository and re.search(r"^\s*(from|import) (bnkit|myst_nb)\b", imports, re.M):
+        first = 1 if cells and cells[0].cell_type == "markdown" else 0  # after the title
+        cells.insert(first, colab_setup_cell(markdown.book.repository))
     nb.cells = cells
     return nb
 

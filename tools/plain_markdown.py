@@ -101,6 +101,7 @@ class Book:
     labels: dict[str, Target] = field(default_factory=dict)
     equations: dict[str, Target] = field(default_factory=dict)  # label -> "(n)" in its document
     works: dict[str, Work] = field(default_factory=dict)
+    repository: str = ""  # the book's repository (_config.yml), where Colab installs bnkit from
 
     @classmethod
     def read(cls, root: Path, documents: list[Path], bib: Path | None = None) -> "Book":
