@@ -33,11 +33,16 @@ from pybtex.database import parse_file
 from pybtex.plugin import find_plugin
 
 # An inline role `{name}`text`` or a plain code span `text` (left alone).
-INLINE = re.compile(r"(?:\{(?P<role>[A-Za-z][\w:.+-]*)\})?(?P<ticks>`+)(?P<body>.+?)(?<!`)(?P=ticks)(?!`)", re.S)
-DIRECTIVE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,}|:{3,})\s*\{(?P<name>[^}\s]+)\}[ \t]*(?P<arg>.*)$")
+INLINE = re.compile(
+    r"(?:\{(?P<role>[A-Za-z][\w:.+-]*)\})?(?P<ticks>`+)(?P<body>.+?)(?<!`)(?P=ticks)(?!`)", re.S
+)
+DIRECTIVE = re.compile(
+    r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,}|:{3,})\s*\{(?P<name>[^}\s]+)\}[ \t]*(?P<arg>.*)$"
+)
 CODE_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
 TARGET = re.compile(r"^[ \t]*\((?P<label>[^()\s]+)\)=[ \t]*$")
-MATH_LABEL = re.compile(r"^(?P<head>[ \t]*\$\$)[ \t]*\((?P<label>[^()\s]+)\)[ \t]*$")  # `$$ (label)`
+# `$$ (label)`, the end of a labelled equation
+MATH_LABEL = re.compile(r"^(?P<head>[ \t]*\$\$)[ \t]*\((?P<label>[^()\s]+)\)[ \t]*$")
 HEADING = re.compile(r"^#{1,6}[ \t]+(?P<text>.+?)[ \t#]*$")
 OPTION = re.compile(r"^:(?P<key>[\w-]+):[ \t]*(?P<value>.*)$")
 EXPLICIT = re.compile(r"^(?P<text>.*?)\s*<(?P<target>[^<>]+)>$", re.S)  # `text <target>`
@@ -47,9 +52,10 @@ ADMONITIONS = {
     "seealso", "admonition", "dropdown", "margin", "sidebar", "topic", "epigraph", "pull-quote",
 }
 TITLES = {"seealso": "See also", "pull-quote": "", "epigraph": "", "margin": "", "sidebar": ""}
-CODE_DIRECTIVES = {"code", "code-block", "sourcecode", "code-cell", "literalinclude"}
+CODE_DIRECTIVES = {"code", "code-block", "sourcecode", "code-cell"}
 DROPPED_DIRECTIVES = {"toctree", "tableofcontents", "solution-end", "exercise-end", "index"}
 CODE_ROLES = {"code", "literal", "samp", "file", "command", "program", "envvar", "option"}
+PYTHON_ROLES = {"func", "class", "meth", "mod", "attr", "obj", "data", "exc"}
 HTML_ROLES = {"sub": "sub", "sup": "sup", "subscript": "sub", "superscript": "sup", "kbd": "kbd"}
 
 
@@ -69,10 +75,12 @@ def read_bib(path: Path) -> dict[str, Work]:
     """key -> Work for every entry of a BibTeX file (author-year labels, as the book's)."""
     bib = parse_file(str(path))
     style = find_plugin("pybtex.style.formatting", "unsrt")()
-    texts = {e.key: " ".join(e.text.render_as("markdown").split()) for e in style.format_entries(bib.entries.values())}
+    texts = {e.key: " ".join(e.text.render_as("markdown").split())
+             for e in style.format_entries(bib.entries.values())}
     works = {}
     for key, entry in bib.entries.items():
-        names = [" ".join(str(n) for n in p.rich_last_names) for p in entry.persons.get("author", [])]
+        people = entry.persons.get("author", [])
+        names = [" ".join(str(n) for n in p.rich_last_names) for p in people]
         authors = " and ".join(names) if len(names) <= 2 else f"{names[0]} et al."
         doi = entry.fields.get("doi", "")
         url = entry.fields.get("url", "") or (f"https://doi.org/{doi}" if doi else "")
@@ -167,7 +175,7 @@ def glue_data(nb: nbformat.NotebookNode) -> dict[str, dict]:
             meta = out.get("metadata", {}).get("scrapbook")
             if meta and "data" in out:
                 prefix = meta.get("mime_prefix", "")
-                data[meta["name"]] = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in out["data"].items()}
+                data[meta["name"]] = {k.removeprefix(prefix): v for k, v in out["data"].items()}
     return data
 
 
@@ -224,8 +232,9 @@ class Converter:
                 flush()
                 if directive:
                     indent = m["indent"]
-                    body = [b[len(indent):] if b.startswith(indent) else b.lstrip() for b in lines[i + 1:end]]
-                    out.extend(indent + x if x else x for x in self.directive(m["name"], m["arg"].strip(), body))
+                    body = [b.removeprefix(indent) for b in lines[i + 1:end]]
+                    converted = self.directive(m["name"], m["arg"].strip(), body)
+                    out.extend(indent + x if x else x for x in converted)
                 else:
                     out.extend(lines[i:end + 1])  # fenced code stays as it is
                 i = end + 1
@@ -248,17 +257,19 @@ class Converter:
         if name in ("solution", "solution-start"):
             return ["**Solution**", "", *self.block(body)]
         if name in ADMONITIONS:
-            title = arg if name in ("admonition", "dropdown", "topic", "sidebar") else TITLES.get(name, name.title())
+            titled = name in ("admonition", "dropdown", "topic", "sidebar")
+            title = arg if titled else TITLES.get(name, name.title())
             quoted = ([f"**{self.inline(title)}**", ""] if title else []) + self.block(body)
             return [f"> {x}" if x.strip() else ">" for x in quoted]
         if name == "math":
-            return ["$$", *(body or [arg]), "$$"] if body else ["$$", arg, "$$"]
+            return ["$$", *([arg] if arg else []), *body, "$$"]
         if name in CODE_DIRECTIVES:
             return [f"```{arg.split()[0] if arg else ''}", *body, "```"]
         if name in ("figure", "image"):
             alt = options.get("alt", "")
             caption = self.block(body)
-            return [f"![{alt}]({arg})", *([""] + [f"*{x}*" if x.strip() else x for x in caption] if caption else [])]
+            caption = [f"*{x}*" if x.strip() else x for x in caption]
+            return [f"![{alt}]({arg})", *(["", *caption] if caption else [])]
         if name.startswith("glue"):
             return self.glue_block(name, arg, options, body)
         if name == "bibliography":
@@ -275,7 +286,8 @@ class Converter:
             return self.block(self._mime(data, "text/markdown", key).splitlines())
         if kind == "math":
             return ["$$", self._mime(data, "text/latex", key).strip().strip("$"), "$$"]
-        image = next((m for m in ("image/png", "image/jpeg", "image/svg+xml", "image/gif") if m in data), None)
+        image = next((m for m in ("image/png", "image/jpeg", "image/svg+xml", "image/gif")
+                      if m in data), None)
         if image:
             filename = f"{key}.{image.split('/')[1].split('+')[0]}"
             self.attachments[filename] = {image: data[image]}
@@ -283,7 +295,8 @@ class Converter:
             alt = options.get("alt", " ".join(caption) or key)
             return [f"![{alt}](attachment:{filename})", *(["", *caption] if caption else [])]
         if kind == "figure":
-            raise ConversionError(f"glue key {key!r}: a figure needs an image, the output has {sorted(data)}")
+            raise ConversionError(f"glue key {key!r}: a figure needs an image, "
+                                  f"the output has {sorted(data)}")
         return [self.glue_text(key, "")]
 
     # -- inline
@@ -293,10 +306,10 @@ class Converter:
 
     def role(self, name: str, body: str) -> str:
         if name in ("glue", "glue:", "glue:any", "glue:text"):
-            key, _, spec = body.rpartition(":") if name == "glue:text" and ":" in body.replace("::", "") else (body, "", "")
-            return self.glue_text(key or body, spec)
+            key, spec = _key_and_spec(body) if name == "glue:text" else (body, "")
+            return self.glue_text(key, spec)
         if name == "glue:md":
-            key = body.rsplit(":", 1)[0] if ":" in body.replace("::", "") else body
+            key = _key_and_spec(body)[0]  # the spec is the Markdown flavour
             return self.inline(self._mime(self.glued(key), "text/markdown", key).strip())
         if name == "glue:math":
             return f"${self._mime(self.glued(body), 'text/latex', body).strip().strip('$')}$"
@@ -310,7 +323,7 @@ class Converter:
             return f"<{HTML_ROLES[name]}>{body}</{HTML_ROLES[name]}>"
         if name == "abbr":
             return re.sub(r"\s*\([^()]*\)$", "", body)
-        if name in CODE_ROLES or name.startswith("py:") or name in ("func", "class", "meth", "mod", "attr", "obj"):
+        if name in CODE_ROLES or name.startswith("py:") or name in PYTHON_ROLES:
             shown = m["text"] if (m := EXPLICIT.match(body)) and m["text"] else body
             return f"`{shown.lstrip('~!')}`"
         if name == "download" and (m := EXPLICIT.match(body)):
@@ -326,7 +339,8 @@ class Converter:
             target = self.book.notebooks.get(self._resolve(doc))
             glue = glue_data(nbformat.read(target, as_version=4)) if target else {}
         if name not in glue:
-            raise ConversionError(f"no value glued under {name!r} in the stored outputs of {doc or self.docname or 'the notebook'}")
+            where = doc or self.docname or "the notebook"
+            raise ConversionError(f"no value glued under {name!r} in the stored outputs of {where}")
         return glue[name]
 
     def glue_text(self, key: str, spec: str) -> str:
@@ -345,7 +359,7 @@ class Converter:
         keys = [k.strip() for k in body.split(",") if k.strip()]
         unknown = [k for k in keys if k not in self.book.works]
         if unknown:
-            raise ConversionError(f"{{{name}}} cites {unknown}, which the bibliography does not hold")
+            raise ConversionError(f"{{{name}}} cites {unknown}, which references.bib does not hold")
         self.cited += [k for k in keys if k not in self.cited]
         works = [self.book.works[k] for k in keys]
 
@@ -389,7 +403,8 @@ class Converter:
         return text  # a page that is not a notebook has no copy to link to
 
     def _resolve(self, target: str) -> str:
-        """A {doc} target as a docname: absolute from the book's root, or relative to this document."""
+        """A {doc} target as a docname: absolute from the book's root, or relative to this
+        document."""
         target = target.removesuffix(".ipynb").removesuffix(".md")
         if target.startswith("/"):
             return target.lstrip("/")
@@ -409,8 +424,15 @@ def _closing(lines: list[str], start: int, fence: str) -> int:
     return len(lines) - 1
 
 
+def _key_and_spec(body: str) -> tuple[str, str]:
+    """"key:.1f" -> ("key", ".1f"); "key" -> ("key", ""); "doc::key" -> ("doc::key", "")."""
+    key, sep, spec = body.rpartition(":")
+    return (key, spec) if sep and key and not key.endswith(":") else (body, "")
+
+
 def _options(body: list[str]) -> tuple[dict[str, str], list[str]]:
-    """A directive's options (`:key: value` lines, or a `---` YAML block) and the rest of its body."""
+    """A directive's options (`:key: value` lines, or a `---` YAML block), and the rest of
+    its body."""
     options, i = {}, 0
     if body and body[0].strip() == "---":
         end = next((j for j in range(1, len(body)) if body[j].strip() == "---"), 0)
