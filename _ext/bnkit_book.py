@@ -7,7 +7,9 @@
    written to <html>/exercises/<name>.ipynb. So the published site always ships
    the copies of exactly the notebooks it shows. Every chapter page gets a line
    under its title that downloads its copy, and an entry in the theme's download
-   menu; its Binder and Colab buttons open the copy too. The solutions the book shows have no `### BEGIN/END SOLUTION` lines
+   menu; its Binder and Colab buttons open the copy too. The menu's .ipynb is the
+   whole chapter converted the same way (solutions and outputs kept), written to
+   <html>/notebooks/<name>.ipynb, not the MyST source. The solutions the book shows have no `### BEGIN/END SOLUTION` lines
    (the notebooks keep them).
 
 2. The `chapter-list` directive (used by chapters/intro.md). Its content is YAML:
@@ -43,14 +45,17 @@ from sphinx.util.docutils import SphinxDirective
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 from make_exercises import (  # noqa: E402
-    BEGIN, END, EXERCISE, LEARNERS_DIR, ConversionError, SolutionMarkerError, learner_copy_of, read_book,
+    EXERCISE, LEARNERS_DIR, ConversionError, SolutionMarkerError, learner_copy_of, read_book,
+    rendered_copy, without_markers,
 )
 from execute_notebooks import RUNTIMES  # noqa: E402
 from notebooks import toc_files  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-# The copies go to <html>/LEARNERS_DIR, the folder `make exercises` writes in the repository.
+# The copies go to <html>/LEARNERS_DIR, the folder `make exercises` writes in the repository;
+# the whole chapters, in plain Markdown (the download menu's .ipynb), to <html>/RENDERED_DIR.
+RENDERED_DIR = "notebooks"
 _n_exercises: dict[str, int] = {}  # docname -> number of {exercise} directives (set at builder-inited)
 
 
@@ -72,8 +77,9 @@ def _toc_notebooks(app: Sphinx) -> dict[str, Path]:
 def write_learners_copies(app: Sphinx) -> None:
     if app.builder.format != "html":
         return
-    out = Path(app.outdir) / LEARNERS_DIR
+    out, rendered = Path(app.outdir) / LEARNERS_DIR, Path(app.outdir) / RENDERED_DIR
     out.mkdir(parents=True, exist_ok=True)
+    rendered.mkdir(parents=True, exist_ok=True)
     book = read_book(_toc(app))  # cross-references and citations, as plain Markdown links
     for docname, path in _toc_notebooks(app).items():
         if not path.exists():
@@ -82,14 +88,16 @@ def write_learners_copies(app: Sphinx) -> None:
         _n_exercises[docname] = sum(len(EXERCISE.findall(c.source)) for c in nb.cells if c.cell_type == "markdown")
         try:
             copy = learner_copy_of(path, book, Path(app.srcdir))
+            whole = learner_copy_of(path, book, Path(app.srcdir), make=rendered_copy)
         except (SolutionMarkerError, ConversionError) as e:
             raise ExtensionError(f"learners' copy of {path.name}: {e}") from None
         (out / path.name).write_text(nbformat.writes(copy) + "\n", encoding="utf-8")
+        (rendered / path.name).write_text(nbformat.writes(whole) + "\n", encoding="utf-8")
 
 
-def _learners_uri(docname: str) -> str:
-    """Relative URL, from the page of `docname`, of its learners' copy."""
-    target = f"{LEARNERS_DIR}/{posixpath.basename(docname)}.ipynb"
+def _learners_uri(docname: str, folder: str = LEARNERS_DIR) -> str:
+    """Relative URL, from the page of `docname`, of its learners' copy (in folder)."""
+    target = f"{folder}/{posixpath.basename(docname)}.ipynb"
     return posixpath.relpath(target, posixpath.dirname(docname) or ".")
 
 
@@ -115,11 +123,16 @@ def add_learners_link(app: Sphinx, doctree: nodes.document, docname: str) -> Non
 
 
 def add_learners_button(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
-    """Add the learners' copy to the theme's download menu (after the theme filled it)."""
+    """Add the learners' copy to the theme's download menu (after the theme filled it), and
+    make its .ipynb the whole chapter in plain Markdown, not the MyST source."""
     if pagename not in _toc_notebooks(app):
         return
     for group in context.get("header_buttons", []):
         if group.get("label") == "download-buttons":
+            for button in group["buttons"]:
+                if button.get("label") == "download-source-button" and button.get("text") == ".ipynb":
+                    button["url"] = _learners_uri(pagename, RENDERED_DIR)
+                    button["tooltip"] = "Download this chapter as a notebook (solutions and outputs included)"
             group["buttons"].insert(0, {
                 "type": "link",
                 "url": _learners_uri(pagename),
@@ -163,10 +176,8 @@ def hide_solution_markers(app: Sphinx, doctree: nodes.document) -> None:
     for block in list(doctree.findall(nodes.literal_block)):
         if not _in_cell_input(block):
             continue
-        lines = block.astext().split("\n")
-        kept = [line for line in lines if not line.strip().startswith((BEGIN, END))]
-        if len(kept) < len(lines):
-            text = "\n".join(kept)
+        text = without_markers(block.astext())
+        if text != block.astext():
             block.rawsource = text  # the HTML writer highlights rawsource
             block.children = [nodes.Text(text)]
 

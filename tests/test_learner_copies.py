@@ -25,11 +25,15 @@ from markdown_it import MarkdownIt
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-from make_exercises import BEGIN, END, learner_copy, learner_copy_of, read_book  # noqa: E402
+from make_exercises import (  # noqa: E402
+    BEGIN, END, learner_copy, learner_copy_of, read_book, rendered_copy,
+)
 from notebooks import toc_notebooks  # noqa: E402
 from plain_markdown import ConversionError, Converter, Target, glue_data  # noqa: E402
 
 NOTEBOOKS = toc_notebooks()
+# The learners' copies, and the whole chapters in plain Markdown (the download menu's .ipynb).
+MAKERS = {"learners": learner_copy, "whole": rendered_copy}
 COMMONMARK = MarkdownIt("commonmark").enable("table")  # JupyterLab renders GFM tables too
 
 # MyST that plain Markdown renderers show raw.
@@ -50,10 +54,11 @@ def markdown_sources(nb: nbformat.NotebookNode) -> str:
     return "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
 
 
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_no_myst_syntax_is_left_in_the_copy(path):
+def test_no_myst_syntax_is_left_in_the_copy(path, make):
     source = markdown_sources(nbformat.read(path, as_version=4))
-    copy = learner_copy_of(path)
+    copy = learner_copy_of(path, make=make)
     nbformat.validate(copy)
     left = {kind: n for kind, n in myst_constructs(markdown_sources(copy)).items() if n}
     assert not left, f"{path.name}'s learners' copy still holds MyST: {left}"
@@ -103,15 +108,16 @@ def _page(html: Path, path: Path) -> str:
     return (html / path.relative_to(REPO).with_suffix(".html")).read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_the_copy_renders_the_books_paragraphs(html, path):
+def test_the_copy_renders_the_books_paragraphs(html, path, make):
     """Rendered by CommonMark, every paragraph of the copy is one of the book page's, with
     the same numbers: glued values, exercise numbers, citations, cross-references. Only
     display math is left out (MathJax and markdown-it escape it differently)."""
     book = set(Paragraphs(_page(html, path)).texts)
     source_ids = {c.id for c in nbformat.read(path, as_version=4).cells}
     compared = 0
-    for cell in learner_copy_of(path).cells:
+    for cell in learner_copy_of(path, make=make).cells:
         if cell.cell_type != "markdown" or cell.id not in source_ids:
             continue  # the References cell is the copy's own
         for text in Paragraphs(COMMONMARK.render(cell.source)).texts:
@@ -146,6 +152,19 @@ def test_published_solutions_show_no_markers_but_their_code(html):
                 solution = cell.source.split(BEGIN, 1)[1].split(END, 1)[0]
                 last = [line.strip() for line in solution.splitlines() if line.strip()][-1]
                 assert _unescape(last) in _unescape(text), f"{path.name}: solution line {last!r} not shown"
+
+
+def test_the_download_menus_notebook_is_the_whole_chapter_in_plain_markdown(html):
+    for path in NOTEBOOKS:
+        page = _page(html, path)
+        hrefs = re.findall(r'<a href="([^"]*)"[^>]*\bbtn-download-source-button\b', page)
+        assert hrefs == [f"../notebooks/{path.name}"], f"{path.name}: the .ipynb download is {hrefs}"
+        whole = nbformat.read(html / "notebooks" / path.name, as_version=4)
+        assert whole == learner_copy_of(path, make=rendered_copy)
+        code = [c for c in whole.cells if c.cell_type == "code"]
+        assert any(c.outputs for c in code) and not any(BEGIN in c.source or END in c.source for c in code)
+        solutions = sum(c.source.count("**Solution to Exercise ") for c in whole.cells)
+        assert solutions == markdown_sources(nbformat.read(path, as_version=4)).count("{solution-start}")
 
 
 def _unescape(text: str) -> str:

@@ -181,20 +181,54 @@ def learner_copy(nb: nbformat.NotebookNode, chapter: str = "", book: Book | None
         cells.append(cell)
     if in_gate:
         raise SolutionMarkerError("{solution-start} with no {solution-end} after it")
+    nb.cells = _finish(cells, markdown)
+    return nb
+
+
+def rendered_copy(nb: nbformat.NotebookNode, chapter: str = "", book: Book | None = None,
+                  docname: str = "") -> nbformat.NotebookNode:
+    """The whole chapter, solutions and outputs included, in plain Markdown as learner_copy
+    writes it: what the book's ".ipynb" download gives. Solutions read "**Solution to
+    Exercise 4.1**", and their code has no BEGIN/END SOLUTION lines."""
+    nb = copy.deepcopy(nb)
+    markdown = Converter(book or _default_book(), docname, glue_data(nb), chapter)
+    for index, cell in enumerate(nb.cells):
+        try:
+            if cell.cell_type == "markdown":
+                cell.source, attachments = markdown.cell(cell.source)
+                if attachments:
+                    cell.attachments = attachments
+            elif cell.cell_type == "code":
+                cell.source = without_markers(cell.source)
+        except ConversionError as e:
+            raise ConversionError(f"cell {index}: {e}") from None
+    nb.cells = _finish([c for c in nb.cells if c.cell_type != "markdown" or c.source.strip()], markdown)
+    return nb
+
+
+def without_markers(source: str) -> str:
+    """A solution's code as the book shows it: the BEGIN/END SOLUTION lines left out."""
+    return "\n".join(line for line in source.split("\n") if not line.strip().startswith((BEGIN, END)))
+
+
+def _finish(cells: list, markdown: Converter) -> list:
+    """The cells of a copy, with the list of the works cited last and, after the title,
+    the cell that installs bnkit and myst-nb on Colab (where the chapter imports them)."""
     if references := markdown.references():
         cells.append(nbformat.v4.new_markdown_cell(references, id="references"))
     imports = "\n".join(c.source for c in cells if c.cell_type == "code")
     if markdown.book.repository and re.search(r"^\s*(from|import) (bnkit|myst_nb)\b", imports, re.M):
         first = 1 if cells and cells[0].cell_type == "markdown" else 0  # after the title
         cells.insert(first, colab_setup_cell(markdown.book.repository))
-    nb.cells = cells
-    return nb
+    return cells
 
 
-def learner_copy_of(path: Path, book: Book | None = None, root: Path = REPO) -> nbformat.NotebookNode:
-    """The learners' copy of the notebook at path, in the book whose source folder is root."""
+def learner_copy_of(path: Path, book: Book | None = None, root: Path = REPO,
+                    make=learner_copy) -> nbformat.NotebookNode:
+    """The learners' copy of the notebook at path, in the book whose source folder is root
+    (make=rendered_copy: the whole chapter, in plain Markdown)."""
     docname = path.resolve().relative_to(root.resolve()).with_suffix("").as_posix()
-    return learner_copy(nbformat.read(path, as_version=4), chapter_number(path), book, docname)
+    return make(nbformat.read(path, as_version=4), chapter_number(path), book, docname)
 
 
 def main(argv: list[str] | None = None) -> int:

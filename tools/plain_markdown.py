@@ -94,6 +94,7 @@ class Target:
     text: str
     docname: str
     anchor: str = ""  # a heading's anchor in the notebook ("" for the notebook's top)
+    title: str = ""  # an exercise's title
 
 
 def anchor(heading: str) -> str:
@@ -138,7 +139,7 @@ class Book:
             if directive and (m := OPTION.match(line.strip())):
                 if m["key"] == "label" and directive == "exercise":
                     number = f"{chapter}.{exercises}" if chapter else str(exercises)
-                    self.labels[m["value"]] = Target(f"Exercise {number}", docname)
+                    self.labels[m["value"]] = Target(f"Exercise {number}", docname, title=title)
                 elif m["key"] == "label" and directive == "math":
                     equations += 1
                     self.equations[m["value"]] = Target(f"({equations})", docname)
@@ -152,7 +153,7 @@ class Book:
                     self.labels[label] = Target(m["text"], docname, anchor(m["text"]))
                 label = None
             elif m := DIRECTIVE.match(line):
-                directive = m["name"]
+                directive, title = m["name"], m["arg"].strip()
                 exercises += directive == "exercise"
             elif m := MATH_LABEL.match(line):
                 equations += 1
@@ -254,8 +255,11 @@ class Converter:
             number = f"{self.chapter}.{self.exercises}" if self.chapter else str(self.exercises)
             head = "**Exercise**" if "nonumber" in options else f"**Exercise {number}**"
             return [head + (f" ({self.inline(arg)})" if arg else ""), "", *self.block(body)]
-        if name in ("solution", "solution-start"):
-            return ["**Solution**", "", *self.block(body)]
+        if name in ("solution", "solution-start"):  # (learner_copy removes them first)
+            target = self.book.labels.get(arg)
+            head = f"**Solution to {target.text}**" if target else "**Solution**"
+            head += f" ({self.inline(target.title)})" if target and target.title else ""
+            return [head, *(["", *self.block(body)] if body else [])]
         if name in ADMONITIONS:
             titled = name in ("admonition", "dropdown", "topic", "sidebar")
             title = arg if titled else TITLES.get(name, name.title())
