@@ -163,6 +163,8 @@ def test_the_download_menus_notebook_is_the_whole_chapter_in_plain_markdown(html
         assert whole == learner_copy_of(path, make=rendered_copy)
         code = [c for c in whole.cells if c.cell_type == "code"]
         assert any(c.outputs for c in code) and not any(BEGIN in c.source or END in c.source for c in code)
+        mimes = {m for c in code for o in c.outputs for m in o.get("data", {})}
+        assert not [m for m in mimes if "papermill" in m]  # the glued values are in the prose
         solutions = sum(c.source.count("**Solution to Exercise ") for c in whole.cells)
         assert solutions == markdown_sources(nbformat.read(path, as_version=4)).count("{solution-start}")
 

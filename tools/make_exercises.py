@@ -189,7 +189,8 @@ def rendered_copy(nb: nbformat.NotebookNode, chapter: str = "", book: Book | Non
                   docname: str = "") -> nbformat.NotebookNode:
     """The whole chapter, solutions and outputs included, in plain Markdown as learner_copy
     writes it: what the book's ".ipynb" download gives. Solutions read "**Solution to
-    Exercise 4.1**", and their code has no BEGIN/END SOLUTION lines."""
+    Exercise 4.1**", and their code has no BEGIN/END SOLUTION lines; the values glued for
+    the prose are left out of the outputs (the prose holds them)."""
     nb = copy.deepcopy(nb)
     markdown = Converter(book or _default_book(), docname, glue_data(nb), chapter)
     for index, cell in enumerate(nb.cells):
@@ -200,10 +201,18 @@ def rendered_copy(nb: nbformat.NotebookNode, chapter: str = "", book: Book | Non
                     cell.attachments = attachments
             elif cell.cell_type == "code":
                 cell.source = without_markers(cell.source)
+                cell.outputs = [o for o in cell.outputs if not _glue_record(o)]
         except ConversionError as e:
             raise ConversionError(f"cell {index}: {e}") from None
     nb.cells = _finish([c for c in nb.cells if c.cell_type != "markdown" or c.source.strip()], markdown)
     return nb
+
+
+def _glue_record(output: nbformat.NotebookNode) -> bool:
+    """Whether the output is only a value myst_nb.glue stored for the prose (already filled in
+    there): its MIME types are prefixed, so JupyterLab would say it has no renderer for it."""
+    meta = output.get("metadata", {}).get("scrapbook")
+    return bool(meta) and all(k.startswith(meta.get("mime_prefix") or "\0") for k in output.get("data", {}))
 
 
 def without_markers(source: str) -> str:
