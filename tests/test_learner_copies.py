@@ -62,6 +62,8 @@ def test_no_myst_syntax_is_left_in_the_copy(path, make):
     nbformat.validate(copy)
     left = {kind: n for kind, n in myst_constructs(markdown_sources(copy)).items() if n}
     assert not left, f"{path.name}'s learners' copy still holds MyST: {left}"
+    tags = {c.id: c.metadata.get("tags") for c in nbformat.read(path, as_version=4).cells}
+    assert all(c.metadata.get("tags") == tags[c.id] for c in copy.cells if c.id in tags)  # kept
     if "{glue" in source:  # the check sees what it must remove (it could fail)
         assert myst_constructs(source)["role"] > 0
 

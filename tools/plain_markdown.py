@@ -16,7 +16,8 @@ one notebook's markdown cells so that they read as the book does:
   a URL or DOI, and the notebook ends with the list of the works it cites; `{doc}`, `{ref}`,
   `{numref}` and `{eq}` become the text the book shows, linked to the notebook (the copies
   sit side by side in one folder); other roles keep their text;
-- `(label)=` targets and equation labels are dropped.
+- `(label)=` targets and equation labels are dropped;
+- solutions (kept in the whole-chapter copies only) read "**Solution to Exercise 4.1** (title)".
 
 Fenced code blocks and inline code are left as they are.
 """
@@ -79,8 +80,8 @@ def read_bib(path: Path) -> dict[str, Work]:
              for e in style.format_entries(bib.entries.values())}
     works = {}
     for key, entry in bib.entries.items():
-        people = entry.persons.get("author", [])
-        names = [" ".join(str(n) for n in p.rich_last_names) for p in people]
+        people = entry.persons.get("author") or entry.persons.get("editor") or []
+        names = [" ".join(str(n) for n in p.rich_last_names) for p in people] or [key]
         authors = " and ".join(names) if len(names) <= 2 else f"{names[0]} et al."
         doi = entry.fields.get("doi", "")
         url = entry.fields.get("url", "") or (f"https://doi.org/{doi}" if doi else "")
