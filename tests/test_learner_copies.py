@@ -14,6 +14,7 @@ plain Markdown with tools/plain_markdown.py. Checked here:
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -79,7 +80,7 @@ class Paragraphs(HTMLParser):
     def __init__(self, html: str):
         super().__init__(convert_charrefs=True)
         self.texts: list[str] = []
-        self._depth, self._parts = 0, []
+        self._depth, self._parts, self._skip = 0, [], False
         self.feed(html)
 
     def handle_starttag(self, tag, attrs):
@@ -87,15 +88,17 @@ class Paragraphs(HTMLParser):
             self._depth += 1
             if self._depth == 1:
                 self._parts = []
+        self._skip = tag == "a" and "headerlink" in (dict(attrs).get("class") or "")  # the "#"
 
     def handle_endtag(self, tag):
+        self._skip = False
         if tag in self.BLOCKS and self._depth:
             self._depth -= 1
             if not self._depth:
                 self.texts.append(self.normalise("".join(self._parts)))
 
     def handle_data(self, data):
-        if self._depth:
+        if self._depth and not self._skip:
             self._parts.append(data)
 
     @classmethod
@@ -287,3 +290,42 @@ def test_on_colab_the_copy_installs_what_it_imports():
         namespace: dict = {}
         exec(python.replace("get_ipython()", "(1/0)"), namespace)  # not on Colab: no install
         assert "sys" in namespace
+
+
+def test_constructs_the_chapters_do_not_use_yet_render_as_a_numbered_book_shows_them(tmp_path):
+    """A small numbered book with what the chapters may use later (admonitions, labelled
+    equations, a named figure, section labels, {numref}, {eq}, an exercise referred to from
+    another chapter), built by jupyter-book: every paragraph of its copies is on its pages."""
+    from conftest import JUPYTER_BOOK, OFFLINE_ENV
+
+    (tmp_path / "_config.yml").write_text(
+        'title: t\nexecute:\n  execute_notebooks: "off"\nparse:\n  myst_enable_extensions: '
+        "[amsmath, colon_fence, dollarmath]\nsphinx:\n  extra_extensions: [sphinx_exercise]\n")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\noptions:\n  numbered: true\n"
+                                       "chapters:\n  - file: 01_a\n  - file: 02_b\n")
+    (tmp_path / "intro.md").write_text("# Intro\n")
+    (REPO / "_static" / "favicon.svg").exists() and (tmp_path / "pic.svg").write_text(
+        (REPO / "_static" / "favicon.svg").read_text())
+    first = ["# First\n\nText.", "```{exercise} Try\n:label: ex-x\n\nDo it.\n```"]
+    second = [
+        "# Second\n\n(sec-x)=\n## Sub section\n\n$$\nx = 1\n$$ (eq-a)\n\n```{math}\n:label: eq-b\n\ny = 2\n```",
+        "```{figure} pic.svg\n:name: fig-a\n\nThe caption.\n```\n\n:::{warning}\nA *warning*.\n:::",
+        "See {eq}`eq-a`, {eq}`eq-b`, {numref}`fig-a`, {ref}`sec-x`, {numref}`sec-x`, {ref}`fig-a`, "
+        "{numref}`Ex. %s <ex-x>` and {doc}`01_a`.",
+    ]
+    for name, cells in (("01_a", first), ("02_b", second)):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(c) for c in cells])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, tmp_path / f"{name}.ipynb")
+    proc = subprocess.run([*JUPYTER_BOOK, "build", "-W", "-n", "--builder", "html", str(tmp_path)],
+                          capture_output=True, text=True, env=OFFLINE_ENV, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    book = read_book(tmp_path / "_toc.yml")
+    for name in ("01_a", "02_b"):
+        page = set(Paragraphs((tmp_path / "_build" / "html" / f"{name}.html").read_text()).texts)
+        copy = learner_copy_of(tmp_path / f"{name}.ipynb", book, tmp_path)
+        texts = [t for c in copy.cells if c.cell_type == "markdown"
+                 for t in Paragraphs(COMMONMARK.render(c.source)).texts if t.strip("$§ ")]
+        assert texts and not [t for t in texts if t not in page], (texts, page)
+    copy = learner_copy_of(tmp_path / "02_b.ipynb", book, tmp_path)
+    assert "\\tag{2.1}" in copy.cells[0].source and "\\tag{2.2}" in copy.cells[0].source

@@ -96,6 +96,7 @@ class Target:
     docname: str
     anchor: str = ""  # a heading's anchor in the notebook ("" for the notebook's top)
     title: str = ""  # an exercise's title
+    number: str = ""  # what {numref} shows: "Exercise 4.1", "Fig. 4.1", "Section 4.2"
 
 
 def anchor(heading: str) -> str:
@@ -131,36 +132,77 @@ class Book:
         return book
 
     def _index(self, docname: str, sources: list[str], chapter: str) -> None:
-        """Collect the document's title, its `(label)=` headings, its exercises' labels
-        ("Exercise 4.1") and its labelled equations ("(1)": Sphinx numbers only those)."""
-        exercises = equations = 0
+        """Collect the document's title and what its labels point to, numbered as Sphinx
+        numbers them in a numbered book: exercises ("Exercise 4.1"), labelled equations
+        ("(4.1)"), named figures ("Fig. 4.1"), sections ("Section 4.2", from the headings)."""
+        counts = {"exercise": 0, "equation": 0, "figure": 0}
+        sections: list[int] = []  # the current section's number below the chapter's
         label = None  # a `(label)=` waiting for its heading
-        directive = None  # the directive whose options come next
-        for line in "\n".join(sources).splitlines():
+        directive, title, figure = None, "", None  # the directive whose options come next
+
+        def numbered(kind: str) -> str:
+            counts[kind] += 1
+            return f"{chapter}.{counts[kind]}" if chapter else str(counts[kind])
+
+        for line in _outside_code("\n".join(sources).splitlines()):
             if directive and (m := OPTION.match(line.strip())):
-                if m["key"] == "label" and directive == "exercise":
-                    number = f"{chapter}.{exercises}" if chapter else str(exercises)
-                    self.labels[m["value"]] = Target(f"Exercise {number}", docname, title=title)
-                elif m["key"] == "label" and directive == "math":
-                    equations += 1
-                    self.equations[m["value"]] = Target(f"({equations})", docname)
+                key, value = m["key"], m["value"].strip()
+                if key == "label" and directive == "exercise":
+                    number = f"Exercise {chapter}.{counts['exercise']}" if chapter else \
+                        f"Exercise {counts['exercise']}"
+                    self.labels[value] = Target(number, docname, title=title, number=number)
+                elif key == "label" and directive == "math":
+                    self.equations[value] = Target(f"({numbered('equation')})", docname)
+                elif key == "name" and directive in ("figure", "glue:figure"):
+                    number = f"Fig. {numbered('figure')}"
+                    figure = self.labels[value] = Target(number, docname, number=number)
                 continue
             directive = None
+            if figure and line.strip():  # a named figure's caption, the first line of its text
+                figure.text, figure = line.strip(), None
             if m := TARGET.match(line):
                 label = m["label"]
             elif m := HEADING.match(line):
-                self.titles.setdefault(docname, m["text"])
+                level = len(line) - len(line.lstrip("#"))
+                if docname not in self.titles:
+                    self.titles[docname], top = m["text"], level
+                else:
+                    depth = max(level - top, 1)
+                    sections = sections[:depth] + [0] * (depth - len(sections))
+                    sections[depth - 1] += 1
                 if label:
-                    self.labels[label] = Target(m["text"], docname, anchor(m["text"]))
+                    number = ".".join([chapter, *map(str, sections)]) if chapter else ""
+                    self.labels[label] = Target(m["text"], docname, anchor(m["text"]),
+                                                number=f"Section {number}" if number else "")
                 label = None
             elif m := DIRECTIVE.match(line):
                 directive, title = m["name"], m["arg"].strip()
-                exercises += directive == "exercise"
+                counts["exercise"] += directive == "exercise"
             elif m := MATH_LABEL.match(line):
-                equations += 1
-                self.equations[m["label"]] = Target(f"({equations})", docname)
+                self.equations[m["label"]] = Target(f"({numbered('equation')})", docname)
             elif line.strip():
                 label = None
+
+
+def _outside_code(lines: list[str]):
+    """The lines that are not inside a fenced code block (a directive's fences are not code)."""
+    code, directives = None, []  # the open code fence; the open directives' fences
+
+    def closes(line: str, fence: str) -> bool:
+        return bool(line.strip()) and set(line.strip()) == {fence[0]} and len(line.strip()) >= len(fence)
+
+    for line in lines:
+        if code:
+            code = None if closes(line, code) else code
+            continue
+        if directives and closes(line, directives[-1]):
+            directives.pop()
+        elif m := DIRECTIVE.match(line):
+            directives.append(m["fence"])
+        elif m := CODE_FENCE.match(line):
+            code = m["fence"]
+            continue
+        yield line
 
 
 def chapter_number(path: Path) -> str:
@@ -242,9 +284,11 @@ class Converter:
                 i = end + 1
             elif TARGET.match(line):
                 i += 1
+            elif m := MATH_LABEL.match(line):  # a labelled equation: its number as the book's
+                text.extend([*self._tag(m["label"]), m["head"]])
+                i += 1
             else:
-                m = MATH_LABEL.match(line)
-                text.append(m["head"] if m else line)
+                text.append(line)
                 i += 1
         flush()
         return out
@@ -267,14 +311,12 @@ class Converter:
             quoted = ([f"**{self.inline(title)}**", ""] if title else []) + self.block(body)
             return [f"> {x}" if x.strip() else ">" for x in quoted]
         if name == "math":
-            return ["$$", *([arg] if arg else []), *body, "$$"]
+            return ["$$", *([arg] if arg else []), *body, *self._tag(options.get("label")), "$$"]
         if name in CODE_DIRECTIVES:
             return [f"```{arg.split()[0] if arg else ''}", *body, "```"]
         if name in ("figure", "image"):
-            alt = options.get("alt", "")
-            caption = self.block(body)
-            caption = [f"*{x}*" if x.strip() else x for x in caption]
-            return [f"![{alt}]({arg})", *(["", *caption] if caption else [])]
+            caption = self._caption(options, body)
+            return [f"![{options.get('alt', '')}]({arg})", *(["", *caption] if caption else [])]
         if name.startswith("glue"):
             return self.glue_block(name, arg, options, body)
         if name == "bibliography":
@@ -283,6 +325,19 @@ class Converter:
             return []
         # any other directive: its argument in bold, then its text
         return ([f"**{self.inline(arg)}**", ""] if arg else []) + self.block(body)
+
+    def _tag(self, label: str | None) -> list[str]:
+        """`\\tag{4.1}` for a labelled equation the book numbers (MathJax and KaTeX show it)."""
+        target = self.book.equations.get(label or "")
+        return [f"\\tag{{{target.text.strip('()')}}}"] if target else []
+
+    def _caption(self, options: dict, body: list[str]) -> list[str]:
+        """A figure's caption, "Fig. 4.1 ..." where the book numbers it (a named figure)."""
+        caption = self.block(body)
+        target = self.book.labels.get(options.get("name", ""))
+        if caption and target and target.number and target.docname == self.docname:
+            caption[0] = f"{target.number} {caption[0]}"
+        return caption
 
     def glue_block(self, name: str, key: str, options: dict, body: list[str]) -> list[str]:
         data = self.glued(key)
@@ -296,7 +351,7 @@ class Converter:
         if image:
             filename = f"{key}.{image.split('/')[1].split('+')[0]}"
             self.attachments[filename] = {image: data[image]}
-            caption = self.block(body)
+            caption = self._caption(options, body)
             alt = options.get("alt", " ".join(caption) or key)
             return [f"![{alt}](attachment:{filename})", *(["", *caption] if caption else [])]
         if kind == "figure":
@@ -393,9 +448,10 @@ class Converter:
         target = targets.get(label)
         if target is None:
             raise ConversionError(f"{{{name}}}`{body}`: no such label in the book")
-        if name == "numref" and text and "%s" in text:
-            number = target.text.rpartition(" ")[2]
-            text = text.replace("%s", number)
+        if name == "numref":
+            shown = target.number or target.text
+            number = shown.rpartition(" ")[2]
+            text = text.replace("%s", number).replace("{number}", number) if text else shown
         return self._link(text or target.text, target)
 
     def _link(self, text: str, target: Target) -> str:
