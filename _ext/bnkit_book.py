@@ -9,8 +9,8 @@
    under its title that downloads its copy, and an entry in the theme's download
    menu; its Binder and Colab buttons open the copy too. The menu's .ipynb is the
    whole chapter converted the same way (solutions and outputs kept), written to
-   <html>/notebooks/<name>.ipynb, not the MyST source. The solutions the book shows have no `### BEGIN/END SOLUTION` lines
-   (the notebooks keep them).
+   <html>/notebooks/<name>.ipynb, not the MyST source. The solutions the book shows
+   have no `### BEGIN/END SOLUTION` lines (the notebooks keep them).
 
 2. The `chapter-list` directive (used by chapters/intro.md). Its content is YAML:
    for every planned chapter, `name: {title: ..., outcome: what the reader can

@@ -183,8 +183,9 @@ def _unescape(text: str) -> str:
 
 
 def _glued(name: str, mime: dict) -> dict:
-    return nbformat.v4.new_output("display_data", data={f"application/papermill.record/{k}": v for k, v in mime.items()},
-                                  metadata={"scrapbook": {"name": name, "mime_prefix": "application/papermill.record/"}})
+    prefix = "application/papermill.record/"  # how myst_nb.glue stores a value
+    return nbformat.v4.new_output("display_data", data={prefix + k: v for k, v in mime.items()},
+                                  metadata={"scrapbook": {"name": name, "mime_prefix": prefix}})
 
 
 def _copy(markdown: str, outputs=(), chapter: str = "4", docname: str = "chapters/04_running_estimates"):
@@ -218,15 +219,17 @@ def test_exercises_are_numbered_as_in_the_book():
 
 
 def test_admonitions_become_block_quotes_with_nested_markup():
-    copy = _copy("```{note}\nSee {math}`x^2`.\n\nTwo lines.\n```\n\n:::{admonition} My title\n:class: tip\nBody.\n:::")
+    copy = _copy("```{note}\nSee {math}`x^2`.\n\nTwo lines.\n```\n\n"
+                 ":::{admonition} My title\n:class: tip\nBody.\n:::")
     assert copy.cells[1].source == "> **Note**\n>\n> See $x^2$.\n>\n> Two lines.\n\n> **My title**\n>\n> Body."
     html = COMMONMARK.render(copy.cells[1].source)
     assert html.count("<blockquote>") == 2 and "<strong>Note</strong>" in html
 
 
 def test_citations_and_cross_references():
-    copy = _copy("{cite:t}`wu2021rethinking` and {cite:p}`chan1983variance,ioffe2017renorm`; see {doc}`05_population_stats`,"
-                 " {doc}`the start <04_running_estimates>`, {ref}`ex-rob-1` and {numref}`Ex. %s <ex-rob-2>`.")
+    copy = _copy("{cite:t}`wu2021rethinking` and {cite:p}`chan1983variance,ioffe2017renorm`; "
+                 "see {doc}`05_population_stats`, {doc}`the start <04_running_estimates>`, "
+                 "{ref}`ex-rob-1` and {numref}`Ex. %s <ex-rob-2>`.")
     assert copy.cells[1].source == (
         "Wu and Johnson \\[[2021](https://arxiv.org/abs/2105.07576)\\] and "
         "\\[[Chan et al., 1983](https://doi.org/10.1080/00031305.1983.10483115), Ioffe, 2017\\]; see "
