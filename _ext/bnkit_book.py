@@ -2,11 +2,15 @@
 
 1. Learners' copies. At the start of every HTML build, each notebook in _toc.yml
    is turned into its learners' copy by tools/make_exercises.py (every solution
-   replaced by a stub, no outputs; the same file `make exercises` writes) and
+   replaced by a stub, no outputs, MyST turned into plain Markdown with the glued
+   values filled in; the same file `make exercises` writes) and
    written to <html>/exercises/<name>.ipynb. So the published site always ships
    the copies of exactly the notebooks it shows. Every chapter page gets a line
    under its title that downloads its copy, and an entry in the theme's download
-   menu.
+   menu; its Binder and Colab buttons open the copy too. The menu's .ipynb is the
+   whole chapter converted the same way (solutions and outputs kept), written to
+   <html>/notebooks/<name>.ipynb, not the MyST source. The solutions the book shows
+   have no `### BEGIN/END SOLUTION` lines (the notebooks keep them).
 
 2. The `chapter-list` directive (used by chapters/intro.md). Its content is YAML:
    for every planned chapter, `name: {title: ..., outcome: what the reader can
@@ -48,13 +52,18 @@ from sphinx.util.docutils import SphinxDirective
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-from make_exercises import EXERCISE, SolutionMarkerError, chapter_number, learner_copy  # noqa: E402
+from make_exercises import (  # noqa: E402
+    EXERCISE, LEARNERS_DIR, ConversionError, SolutionMarkerError, learner_copy_of, read_book,
+    rendered_copy, without_markers,
+)
 from execute_notebooks import RUNTIMES  # noqa: E402
 from notebooks import toc_files  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-LEARNERS_DIR = "exercises"  # under the HTML output folder
+# The copies go to <html>/LEARNERS_DIR, the folder `make exercises` writes in the repository;
+# the whole chapters, in plain Markdown (the download menu's .ipynb), to <html>/RENDERED_DIR.
+RENDERED_DIR = "notebooks"
 _n_exercises: dict[str, int] = {}  # docname -> number of {exercise} directives (set at builder-inited)
 
 
@@ -76,23 +85,27 @@ def _toc_notebooks(app: Sphinx) -> dict[str, Path]:
 def write_learners_copies(app: Sphinx) -> None:
     if app.builder.format != "html":
         return
-    out = Path(app.outdir) / LEARNERS_DIR
+    out, rendered = Path(app.outdir) / LEARNERS_DIR, Path(app.outdir) / RENDERED_DIR
     out.mkdir(parents=True, exist_ok=True)
+    rendered.mkdir(parents=True, exist_ok=True)
+    book = read_book(_toc(app))  # cross-references and citations, as plain Markdown links
     for docname, path in _toc_notebooks(app).items():
         if not path.exists():
             continue  # Sphinx itself reports a toc entry with no file
         nb = nbformat.read(path, as_version=4)
         _n_exercises[docname] = sum(len(EXERCISE.findall(c.source)) for c in nb.cells if c.cell_type == "markdown")
         try:
-            copy = learner_copy(nb, chapter_number(path))
-        except SolutionMarkerError as e:
+            copy = learner_copy_of(path, book, Path(app.srcdir))
+            whole = learner_copy_of(path, book, Path(app.srcdir), make=rendered_copy)
+        except (SolutionMarkerError, ConversionError) as e:
             raise ExtensionError(f"learners' copy of {path.name}: {e}") from None
         (out / path.name).write_text(nbformat.writes(copy) + "\n", encoding="utf-8")
+        (rendered / path.name).write_text(nbformat.writes(whole) + "\n", encoding="utf-8")
 
 
-def _learners_uri(docname: str) -> str:
-    """Relative URL, from the page of `docname`, of its learners' copy."""
-    target = f"{LEARNERS_DIR}/{posixpath.basename(docname)}.ipynb"
+def _learners_uri(docname: str, folder: str = LEARNERS_DIR) -> str:
+    """Relative URL, from the page of `docname`, of its learners' copy (in folder)."""
+    target = f"{folder}/{posixpath.basename(docname)}.ipynb"
     return posixpath.relpath(target, posixpath.dirname(docname) or ".")
 
 
@@ -118,11 +131,16 @@ def add_learners_link(app: Sphinx, doctree: nodes.document, docname: str) -> Non
 
 
 def add_learners_button(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
-    """Add the learners' copy to the theme's download menu (after the theme filled it)."""
+    """Add the learners' copy to the theme's download menu (after the theme filled it), and
+    make its .ipynb the whole chapter in plain Markdown, not the MyST source."""
     if pagename not in _toc_notebooks(app):
         return
     for group in context.get("header_buttons", []):
         if group.get("label") == "download-buttons":
+            for button in group["buttons"]:
+                if button.get("label") == "download-source-button" and button.get("text") == ".ipynb":
+                    button["url"] = _learners_uri(pagename, RENDERED_DIR)
+                    button["tooltip"] = "Download this chapter as a notebook (solutions and outputs included)"
             group["buttons"].insert(0, {
                 "type": "link",
                 "url": _learners_uri(pagename),
@@ -131,6 +149,55 @@ def add_learners_button(app: Sphinx, pagename: str, templatename: str, context: 
                 "icon": "fas fa-pencil-alt",
                 "label": "download-learners-copy-button",
             })
+
+
+def point_launch_buttons(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    """Make the theme's Binder and Colab buttons open the chapter's learners' copy.
+
+    Binder builds the repository's branch, whose binder/postBuild writes the copies to
+    exercises/ (tools/make_exercises.py), so the button opens exercises/<name>.ipynb there.
+    Colab opens a file of a GitHub branch: the copies the book's CI publishes on the branch
+    `bnkit_learners_branch` (.github/workflows/book.yml), at exercises/<name>.ipynb."""
+    if pagename not in _toc_notebooks(app):
+        return
+    source = f"{pagename}.ipynb"  # the theme's path, relative to the repository (path_to_book "")
+    copy = f"{LEARNERS_DIR}/{posixpath.basename(pagename)}.ipynb"
+    for group in context.get("header_buttons", []):
+        if group.get("label") != "launch-buttons":
+            continue
+        for button in group["buttons"]:
+            url = button.get("url", "")
+            if button.get("text") == "Binder" and url.endswith(f"/{source}"):
+                button["url"] = url[: -len(source)] + copy
+                button["tooltip"] = "Launch the learners' copy on Binder"
+            elif button.get("text") == "Colab" and "/blob/" in url and url.endswith(f"/{source}"):
+                head = url.split("/blob/", 1)[0]
+                button["url"] = f"{head}/blob/{app.config.bnkit_learners_branch}/{copy}"
+                button["tooltip"] = "Launch the learners' copy on Colab"
+
+
+def hide_solution_markers(app: Sphinx, doctree: nodes.document) -> None:
+    """Drop the `### BEGIN SOLUTION` / `### END SOLUTION` lines from the code the book shows.
+
+    The notebooks keep them (nbval runs the solutions; make_exercises cuts the stubs at
+    them); a reader of a published solution only sees the code between them."""
+    for block in list(doctree.findall(nodes.literal_block)):
+        if not _in_cell_input(block):
+            continue
+        text = without_markers(block.astext())
+        if text != block.astext():
+            block.rawsource = text  # the HTML writer highlights rawsource
+            block.children = [nodes.Text(text)]
+
+
+def _in_cell_input(node: nodes.Node) -> bool:
+    """Whether the node is the source of a notebook code cell (not a code block in the prose)."""
+    parent = node.parent
+    while parent is not None:
+        if "cell_input" in parent.get("classes", []):
+            return True
+        parent = parent.parent
+    return False
 
 
 # --- 2. the chapter list of the introduction ---------------------------------
@@ -249,6 +316,10 @@ def accessible_body(app: Sphinx, pagename: str, templatename: str, context: dict
 def setup(app: Sphinx) -> dict:
     app.connect("builder-inited", write_learners_copies)
     app.connect("doctree-resolved", add_learners_link)
+    app.connect("doctree-read", hide_solution_markers)
+    # The theme adds the launch buttons at priority 501.
+    app.add_config_value("bnkit_learners_branch", "learners", "html")
+    app.connect("html-page-context", point_launch_buttons, priority=600)
     # The theme fills the download menu at priority 501.
     app.connect("html-page-context", add_learners_button, priority=600)
     app.add_directive("chapter-list", ChapterList)

@@ -7,6 +7,7 @@ typical wrong answers fail with the message that names the mistake.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -249,7 +250,7 @@ def test_a_gated_solution_spanning_cells_leaves_only_the_stubbed_code():
     ]
     copy = make_exercises.learner_copy(nbformat.v4.new_notebook(cells=cells), "3")
     assert [c.source for c in copy.cells] == [
-        cells[0].source,
+        "**Exercise 3.1** (Do it)\n\nWrite f.",  # plain Markdown (tests/test_learner_copies.py)
         'def f():\n    raise NotImplementedError("Exercise 3.1: return 1")',
         "After the solution.",
         "check(f)",
@@ -263,8 +264,10 @@ def _run_script(*args: str) -> subprocess.CompletedProcess:
 
 
 def _book(tmp_path: Path, notebook: nbformat.NotebookNode) -> Path:
-    """A throwaway book: chapters/intro.md, chapters/01_five_steps.ipynb and a _toc.yml."""
+    """A throwaway book: chapters/intro.md, chapters/01_five_steps.ipynb, the book's
+    references.bib (the chapter cites) and a _toc.yml."""
     (tmp_path / "chapters").mkdir()
+    shutil.copy(REPO / "references.bib", tmp_path / "references.bib")
     (tmp_path / "chapters" / "intro.md").write_text("# Intro\n")
     nbformat.write(notebook, tmp_path / "chapters" / "01_five_steps.ipynb")
     toc = tmp_path / "_toc.yml"
@@ -297,9 +300,10 @@ def test_learners_copy_has_stubs_and_no_solutions_or_outputs(tmp_path):
             assert cell.outputs == [] and cell.execution_count is None
     stubs = re.findall(r'raise NotImplementedError\("Exercise 1\.(\d): ', code)
     assert len(stubs) == len(CHECKERS) and set(stubs) == {"1", "2"}
-    assert text.count("```{exercise}") == 2  # the prompts stay
+    assert len(re.findall(r"\*\*Exercise 1\.[12]\*\*", text)) == 2  # the prompts stay, as plain Markdown
     assert all(f"({name})" in code for name in CHECKERS)  # and the check cells
-    assert len(copy.cells) == len(nb.cells) - 4  # only each exercise's two gate cells (its markdown) are gone
+    # only each exercise's two gate cells (its markdown) are gone; a last cell lists the works cited
+    assert len(copy.cells) == len(nb.cells) - 4 + 1 and copy.cells[-1].source.startswith("## References")
 
 
 def test_script_reads_the_real_toc(tmp_path):

@@ -29,7 +29,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 from execute_notebooks import RUNTIMES  # noqa: E402
-from make_exercises import BEGIN, chapter_number, learner_copy  # noqa: E402
+from make_exercises import BEGIN, learner_copy_of  # noqa: E402
 from notebooks import toc_files, toc_notebooks  # noqa: E402
 
 CONFIG = yaml.safe_load((REPO / "_config.yml").read_text())
@@ -139,13 +139,14 @@ def test_every_chapter_links_to_its_learners_copy(html, site):
     for nb_path in notebooks:
         name = _page(nb_path)
         downloads = [(url, attrs) for tag, attr, url, attrs in site[name].links
-                     if tag == "a" and url.endswith(f"exercises/{nb_path.name}")]
+                     if tag == "a" and url.endswith(f"exercises/{nb_path.name}")
+                     and not urlsplit(url).scheme]  # (the launch buttons open the copy too)
         assert downloads, f"{name} has no link to its learners' copy"
         assert any("download" in attrs for _, attrs in downloads), f"{name}: the learners' copy is not a download link"
         copy_path = html / posixpath.normpath(posixpath.join(posixpath.dirname(name), downloads[0][0]))
         copy = nbformat.read(copy_path, as_version=4)
         nbformat.validate(copy)
-        expected = learner_copy(nbformat.read(nb_path, as_version=4), chapter_number(nb_path))
+        expected = learner_copy_of(nb_path)
         assert copy == expected, f"{copy_path.name} differs from what `make exercises` writes"
         sources = "\n".join(c.source for c in copy.cells)
         assert BEGIN not in sources and "{solution-start}" not in sources
@@ -158,13 +159,14 @@ def test_every_chapter_has_launch_buttons(site):
     branch = CONFIG["repository"]["branch"]
     binder = CONFIG["launch_buttons"]["binderhub_url"].rstrip("/")
     colab = CONFIG["launch_buttons"]["colab_url"].rstrip("/")
+    learners = CONFIG["sphinx"]["config"]["bnkit_learners_branch"]
     for nb_path in toc_notebooks():
         name = _page(nb_path)
         urls = [url for tag, _, url, _ in site[name].links if tag == "a"]
-        path = nb_path.relative_to(REPO).as_posix()
-        assert any(u.startswith(f"{binder}/v2/gh/{org_repo}/{branch}?") and path in unquote(u) for u in urls), \
-            f"{name}: no Binder button for {path}"
-        assert f"{colab}/github/{org_repo}/blob/{branch}/{path}" in urls, f"{name}: no Colab button for {path}"
+        path = f"exercises/{nb_path.name}"  # the learners' copy (tests/test_learner_copies.py)
+        assert any(u.startswith(f"{binder}/v2/gh/{org_repo}/{branch}?") and unquote(u).endswith(f"lab/tree/{path}")
+                   for u in urls), f"{name}: no Binder button for {path}"
+        assert f"{colab}/github/{org_repo}/blob/{learners}/{path}" in urls, f"{name}: no Colab button for {path}"
     for name, page in site.items():
         if name.endswith(("search.html", "genindex.html")) or name == "index.html":
             continue
