@@ -112,7 +112,8 @@ def test_conv_net_shapes_and_batchnorm2d_statistics_per_channel():
     assert net(x).shape == (5, 10)
     bns = [m for m in net if isinstance(m, torch.nn.BatchNorm2d)]
     assert [b.num_features for b in bns] == [8, 16]
-    with torch.no_grad():  # the first BN layer's running mean: 0.1 * the per-channel mean over m*H*W
+    # the first BN layer's running mean: 0.1 * the per-channel mean over m*H*W
+    with torch.no_grad():
         z = net[0](x)  # (5, 8, 8, 8)
     assert torch.allclose(bns[0].running_mean, 0.1 * z.mean(dim=(0, 2, 3)), atol=1e-6)
     assert torch.equal(conv_net(seed=0)[0].weight, conv_net(seed=0)[0].weight)

@@ -39,7 +39,9 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-def conv_net(seed: int = 0, channels: Sequence[int] = (8, 16), num_classes: int = 10) -> nn.Sequential:
+def conv_net(
+    seed: int = 0, channels: Sequence[int] = (8, 16), num_classes: int = 10
+) -> nn.Sequential:
     """Conv(3x3) -> BatchNorm2d -> ReLU for each width in ``channels``, then Flatten, Linear.
 
     Input (m, 1, 8, 8) images (the digits reshaped), output logits (m, num_classes). Each
