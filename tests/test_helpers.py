@@ -11,6 +11,8 @@ import torch  # noqa: E402
 
 from bnkit.course.data import batches, load_digits_split  # noqa: E402
 from bnkit.course.nets import accuracy, mlp, train  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+
 from bnkit.course.plotting import power_of_ten_above, style, unit_histograms  # noqa: E402
 
 
@@ -89,3 +91,31 @@ def test_power_of_ten_above():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="positive finite"):
             power_of_ten_above(bad)
+
+
+def test_unit_stages_draws_every_value_and_every_unit():
+    from bnkit.course.plotting import unit_stages
+
+    z = np.random.default_rng(0).normal(size=(16, 5))
+    fig, axes = unit_stages({"a": z, "b": 2 * z}, units=[0, 3])
+    # left: 2 units x 2 stages, each a dot series and a mean bar; right: one series per stage
+    assert len(axes[0].get_lines()) == 2 * 2 * 2 and len(axes[1].get_lines()) == 2
+    x_dots = axes[0].get_lines()[0].get_xdata()
+    assert np.array_equal(x_dots, z[:, 0])
+    assert np.allclose(axes[1].get_lines()[1].get_ydata(), (2 * z).std(axis=0))
+    plt.close(fig)
+
+
+def test_conv_net_shapes_and_batchnorm2d_statistics_per_channel():
+    from bnkit.course.nets import conv_net
+
+    net = conv_net(seed=0)
+    x = torch.randn(5, 1, 8, 8)
+    assert net(x).shape == (5, 10)
+    bns = [m for m in net if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [b.num_features for b in bns] == [8, 16]
+    # the first BN layer's running mean: 0.1 * the per-channel mean over m*H*W
+    with torch.no_grad():
+        z = net[0](x)  # (5, 8, 8, 8)
+    assert torch.allclose(bns[0].running_mean, 0.1 * z.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.equal(conv_net(seed=0)[0].weight, conv_net(seed=0)[0].weight)

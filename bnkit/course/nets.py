@@ -39,6 +39,26 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+def conv_net(
+    seed: int = 0, channels: Sequence[int] = (8, 16), num_classes: int = 10
+) -> nn.Sequential:
+    """Conv(3x3) -> BatchNorm2d -> ReLU for each width in ``channels``, then Flatten, Linear.
+
+    Input (m, 1, 8, 8) images (the digits reshaped), output logits (m, num_classes). Each
+    BatchNorm2d normalises a channel over the m * 8 * 8 values of the batch. The
+    convolutions keep bias=True like ``mlp``'s Linear layers (redundant before BN).
+    The weights are drawn from ``seed``.
+    """
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    width = 1
+    for c in channels:
+        layers += [nn.Conv2d(width, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]  # (m, c, 8, 8)
+        width = c
+    layers += [nn.Flatten(), nn.Linear(width * 8 * 8, num_classes)]  # (m, num_classes)
+    return nn.Sequential(*layers)
+
+
 def train(
     model: nn.Module,
     X: np.ndarray,

@@ -58,6 +58,41 @@ def unit_histograms(
     return fig, axes
 
 
+def unit_stages(
+    stages: Mapping[str, np.ndarray], units: Sequence[int], seed: int = 0
+) -> tuple[plt.Figure, np.ndarray]:
+    """Two panels: a few units' values at each stage, and every unit's (mean, std) per stage.
+
+    stages: title -> array (m, n), e.g. {"z": z, "z_norm": z_norm}; units: column indices.
+    Left: one row per (unit, stage), the m values as jittered dots, the mean as a bar; right:
+    one dot per unit and stage at (batch mean, batch std), one colour per stage.
+    Returns the figure and its two axes.
+    """
+    rng = np.random.default_rng(seed)
+    fig, (ax_values, ax_moments) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    ticks, labels = [], []
+    for k, unit in enumerate(units):
+        for s, (title, z) in enumerate(stages.items()):
+            y = k * (len(stages) + 1) + s
+            values = z[:, unit]  # (m,)
+            jitter = rng.uniform(-0.25, 0.25, size=len(values))
+            ax_values.plot(values, y + jitter, ".", ms=3, color=COLORS[s], alpha=0.6)
+            ax_values.plot([values.mean()] * 2, [y - 0.4, y + 0.4], color="k", lw=1.5)
+            ticks.append(y)
+            labels.append(f"unit {unit}: {title}")
+    ax_values.set_yticks(ticks, labels, fontsize=7)
+    ax_values.invert_yaxis()
+    ax_values.set_xlabel("value (dots: the batch; bar: its mean)")
+    for s, (title, z) in enumerate(stages.items()):
+        ax_moments.plot(z.mean(axis=0), z.std(axis=0), "o", ms=4, color=COLORS[s],
+                        alpha=0.7, label=title)
+    ax_moments.set_xlabel("batch mean of the unit")
+    ax_moments.set_ylabel("batch std of the unit")
+    ax_moments.set_title(f"all {stages[next(iter(stages))].shape[1]} units, one dot each")
+    ax_moments.legend(fontsize=8)
+    return fig, np.array([ax_values, ax_moments])
+
+
 def power_of_ten_above(x: float) -> float:
     """The smallest power of ten >= x > 0: a round-off error shown as "below 1e-15" stays the
     same printed number when its last bits change (a stored output nbval compares)."""
