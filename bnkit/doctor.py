@@ -232,8 +232,11 @@ def doctor(
         torch.manual_seed(0)
         fixed = copy.deepcopy(model)  # with population statistics, in eval mode
         if population.bn_layers(fixed):
-            population.recompute_stats(fixed, batches, estimator="exact", upstream="eval",
-                                       forward=forward)
+            try:
+                population.recompute_stats(fixed, batches, estimator="exact", upstream="eval",
+                                           forward=forward)
+            except ValueError as e:
+                raise ValueError(f"{e}{_half_hint(model)}") from e
         fixed.eval()
         seen, order, outputs_fixed = _observe(fixed, batches, forward)
         outputs_gap = _output_gap(copy.deepcopy(model), batches, forward, outputs_fixed)
@@ -305,6 +308,16 @@ def _observe(model: nn.Module, batches: Iterable, forward) -> tuple[dict, list[s
             raise ValueError(f"the input of BN layer {name!r} has NaN or infinite values")
     seen["feeds"], seen["num_batches"] = feeds, len(outputs)
     return seen, order, outputs
+
+
+def _half_hint(model: nn.Module) -> str:
+    """A hint for non-finite activations in a half-precision model (float16_overflow)."""
+    dtypes = {t.dtype for t in model.parameters()} & {torch.float16, torch.bfloat16}
+    if not dtypes:
+        return ""
+    return (f"; the model runs in {sorted(map(str, dtypes))[0]}, where values beyond "
+            f"{FLOAT16_MAX:g} (float16) overflow: run doctor on a float32 copy (model.float()) to "
+            "see which layer gets inputs that large (float16_overflow)")
 
 
 def _last_bn(calls: list) -> int:

@@ -197,6 +197,20 @@ def test_float16_overflow_of_a_large_variance_or_buffer():
     assert _flags(doctor(small, batches)) == {("4", "stale_statistics"), ("4", "float16_overflow")}
 
 
+def test_float16_model_with_overflowing_inputs_gets_an_error_that_says_so():
+    batches = _batches()
+    model = _healthy(_mlp(), batches).half()
+    with torch.no_grad():
+        model[0].weight *= 1e5  # float16 Linear outputs overflow to inf
+    with pytest.raises(ValueError, match=r"NaN or infinite.*torch.float16.*float16_overflow"):
+        doctor(model, [x.half() for x in batches])
+    with torch.no_grad():
+        model[0].weight /= 1e5
+        model[4].running_var[2] = float("inf")  # 7e4 cast to float16
+    report = doctor(model, [x.half() for x in batches])
+    assert report.flagged("float16_overflow") == ["4"]
+
+
 def test_suspicious_momentum_for_keras_convention_and_zero_not_none():
     batches = _batches()
     model = _healthy(_mlp(), batches)
