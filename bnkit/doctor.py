@@ -156,12 +156,16 @@ class Report:
             f"{self.num_batches} batches; model in {self.model_mode} mode; with population "
             f"statistics the outputs change by up to {gap}, argmax agrees on {agree}; what feeds "
             f"each layer (dropout, bias) found by {self.graph}.", 100), ""]
-        for layer in self.layers:
-            for f in layer.flags:
-                text = (f"{layer.name}  {f.name}: {f.detail}. {f.explanation[0].upper()}"
-                        f"{f.explanation[1:]}. Do: {f.action}. See {f.chapter}.")
+        details = [f"  {layer.name}  {f.name}: {f.detail}" for layer in self.layers for f in layer.flags]
+        if details:
+            lines += ["Flags:"] + details + [""]
+        for key, (explanation, action, chapter) in FLAGS.items():
+            names = self.flagged(key)
+            if names:
+                text = (f"{key} ({', '.join(names)}): {explanation[0].upper()}{explanation[1:]}. "
+                        f"Do: {action}. See {chapter}.")
                 lines.append(textwrap.fill(text, 100, subsequent_indent="    "))
-        return "\n".join(lines)
+        return "\n".join(lines).rstrip()
 
     def plot(self, ax=None):
         """Per layer: the mean shift and the running/population variance ratio (two panels)."""
@@ -424,8 +428,8 @@ def _layer_report(name: str, bn: _BatchNorm, fixed: _BatchNorm, model_training: 
             ratio_min, ratio_max = float(ratio.min()), float(ratio.max())
         if shift > STALE_SHIFT or (ratio_min is not None and not
                                    (1 / STALE_RATIO <= ratio_min and ratio_max <= STALE_RATIO)):
-            flag("stale_statistics", f"running_mean up to {shift:.2g} population std away, "
-                 f"running_var / var in {_fmt(ratio_min, '.2g')}..{_fmt(ratio_max, '.2g')} "
+            flag("stale_statistics", f"running_mean up to {shift:.2f} population std away, "
+                 f"running_var / var in {_fmt(ratio_min, '.2f')}..{_fmt(ratio_max, '.2f')} "
                  f"(thresholds {STALE_SHIFT} std, ratio 1/{STALE_RATIO:g}..{STALE_RATIO:g})")
     if not model_training and (bn.training or not tracked):
         why = "in training mode" if tracked else "track_running_stats=False"
