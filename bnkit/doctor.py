@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import textwrap
 from typing import Callable, Iterable
@@ -215,8 +216,8 @@ def doctor(
 
     batches: an iterable of input tensors, or of (x, y) pairs (a DataLoader), as for
         ``recompute_stats``; forward: ``forward(model, batch) -> output`` for any other batch
-        (default ``model(batch[0] if tuple/list else batch)``); max_batches: use only the first
-        ``max_batches`` batches.
+        (default ``model(batch[0] if tuple/list else batch)`` on the model's device);
+        max_batches: use only the first ``max_batches`` batches.
     Returns a Report: one LayerReport per BN layer (torch.nn's and bnkit's, 1d/2d/3d,
     SyncBatchNorm) in execution order with its flags (see FLAGS and the thresholds at the top of
     this module), the output gap between the model as it is and the model in eval mode with
@@ -224,13 +225,14 @@ def doctor(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    population._check_forward(forward)
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be a callable forward(model, batch) or None, got {forward!r}")
     if not any(isinstance(m, _BatchNorm) for m in model.modules()):
         raise ValueError(f"the model has no BatchNorm layer to audit ({type(model).__name__})")
-    batches = population._capped(batches, max_batches)
-    if next(iter(batches), population._NO_BATCH) is population._NO_BATCH:
+    forward = forward or _default_forward
+    batches = _first_batches(batches, max_batches)
+    if next(iter(batches), _NO_BATCH) is _NO_BATCH:
         raise ValueError("doctor needs at least one batch, got an empty iterable")
-    originals = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
 
     with torch.random.fork_rng(devices=[]):  # dropout left on in the model: the same draws
         torch.manual_seed(0)
@@ -241,77 +243,129 @@ def doctor(
                                            forward=forward)
             except ValueError as e:
                 raise ValueError(f"{e}{_half_hint(model)}") from e
-        fixed.eval()
-        seen, order, outputs_fixed = _observe(fixed, batches, forward)
-        outputs_gap = _output_gap(copy.deepcopy(model), batches, forward, outputs_fixed)
-    graph, feeds = _graph_facts(fixed, order)
+        watch, gap = _Watch(fixed.eval()), _Gap()
+        as_is = copy.deepcopy(model)
+        with torch.no_grad(), watch:
+            for num_batches, batch in enumerate(batches, start=1):
+                watch.first = num_batches == 1
+                outputs_fixed = _tensors(forward(fixed, batch))
+                watch.first = False
+                gap.add(num_batches - 1, lambda: _tensors(forward(as_is, batch)), outputs_fixed)
+    watch.check()
+    graph, feeds = _graph_facts(fixed, watch.order)
     if graph is None:
-        graph, feeds = "execution order", seen["feeds"]
+        graph, feeds = "execution order", watch.feeds
 
-    layers = []
-    fixed_modules = dict(fixed.named_modules())
-    for name in order:
-        bn, bn_fixed = originals[name], fixed_modules[name]
-        layers.append(_layer_report(name, bn, bn_fixed, model.training, seen[name], feeds[name]))
-    gap, agreement, error = outputs_gap
-    return Report(_verdict(layers, model.training, outputs_gap), layers,
-                  "train" if model.training else "eval", seen["num_batches"], gap, agreement, graph,
-                  error)
+    originals, fixed_modules = dict(model.named_modules()), dict(fixed.named_modules())
+    layers = [_layer_report(name, originals[name], fixed_modules[name], model.training,
+                            watch.facts[name], feeds[name]) for name in watch.order]
+    agreement = gap.agree / gap.rows if gap.rows else None
+    return Report(_verdict(layers, model.training, gap.max, agreement, gap.error), layers,
+                  "train" if model.training else "eval", num_batches, gap.max, agreement,
+                  graph, gap.error)
 
 
-def _observe(model: nn.Module, batches: Iterable, forward) -> tuple[dict, list[str], list]:
-    """Run ``model`` on every batch with hooks: per BN layer its inputs' largest |value|, fewest
-    values per channel, and (first batch) what feeds it in execution order; and the outputs."""
-    names = {m: name for name, m in model.named_modules()}
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    seen: dict = {names[bn]: {"max_abs": 0.0, "min_count": None} for bn in bns}
-    order: list[str] = []
-    feeds: dict = {}
-    calls: list = []  # (module, output) of every leaf module, first batch only
+_NO_BATCH = object()  # what next(iter(batches), _NO_BATCH) gives for no batches
 
-    def pre_hook(bn, args):
-        z = args[0]
-        facts = seen[names[bn]]
+
+class _FirstBatches:
+    """The first ``n`` batches of a re-iterable (a list, a DataLoader), on every pass."""
+
+    def __init__(self, batches: Iterable, n: int) -> None:
+        self.batches, self.n = batches, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batches), self.n)
+
+
+def _first_batches(batches: Iterable, max_batches: int | None) -> Iterable:
+    """``batches`` (the first ``max_batches`` of them), iterable more than once."""
+    if max_batches is not None and not (isinstance(max_batches, int)
+                                        and not isinstance(max_batches, bool) and max_batches >= 1):
+        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    if iter(batches) is batches:  # a one-shot iterator: keep the batches for more than one pass
+        return list(itertools.islice(batches, max_batches))
+    return batches if max_batches is None else _FirstBatches(batches, max_batches)
+
+
+def _default_forward(model: nn.Module, batch):
+    """model(x) for a batch x or (x, y, ...) (a DataLoader's), x moved to the model's device."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return model(x.to(population.model_device(model)))
+
+
+class _Watch:
+    """Forward hooks on a model (a context manager): per BN layer the largest |input| and the
+    fewest values per channel over all batches; on the first batch (``first``), the execution
+    order of the BN layers and what feeds each (a dropout since the last BN layer; the output
+    of a Linear/Conv with a bias as its very input)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.first = model, False
+        self.names = {m: name for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+        self.facts = {name: {"max_abs": 0.0, "min_count": None} for name in self.names.values()}
+        self.order: list[str] = []
+        self.feeds: dict = {}
+        self.calls: list = []  # (module, output) of every leaf module, first batch only
+
+    def _pre_hook(self, bn, args):
+        z, name = args[0], self.names[bn]
+        facts = self.facts[name]
         facts["max_abs"] = max(facts["max_abs"], float(z.detach().abs().max()) if z.numel() else 0.0)
         count = values_per_feature(tuple(z.shape))
         facts["min_count"] = count if facts["min_count"] is None else min(facts["min_count"], count)
-        if first and names[bn] not in feeds:
-            order.append(names[bn])
-            since = [m for m, _ in calls[_last_bn(calls) + 1:]]
-            before = calls[-1] if calls else (None, None)
-            feeds[names[bn]] = {
-                "dropout": any(isinstance(m, _DropoutNd) for m in since),
-                "bias": before[1] is z and _has_bias(before[0], bn),
-            }
+        if self.first and name not in self.feeds:
+            self.order.append(name)
+            since = [m for m, _ in self.calls[_last_bn(self.calls) + 1:]]
+            before = self.calls[-1] if self.calls else (None, None)
+            self.feeds[name] = {"dropout": any(isinstance(m, _DropoutNd) for m in since),
+                                "bias": before[1] is z and _has_bias(before[0], bn)}
 
-    def leaf_hook(m, args, out):
-        if first:
-            calls.append((m, out))
+    def _leaf_hook(self, m, args, out):
+        if self.first:
+            self.calls.append((m, out))
 
-    handles = [bn.register_forward_pre_hook(pre_hook) for bn in bns]
-    handles += [bn.register_forward_hook(leaf_hook) for bn in bns]
-    handles += [m.register_forward_hook(leaf_hook) for m in model.modules()
-                if not list(m.children()) and not isinstance(m, _BatchNorm)]
-    outputs = []
-    first = True
-    device = population.model_device(model)
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                first = i == 0
-                outputs.append(_tensors(population._run(model, batch, device, forward)))
-                calls.clear()
-    finally:
-        for h in handles:
+    def __enter__(self):
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        self.handles = [bn.register_forward_pre_hook(self._pre_hook) for bn in self.names]
+        self.handles += [m.register_forward_hook(self._leaf_hook) for m in leaves]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
             h.remove()
-    never = [name for name in seen if name not in feeds]
-    if never:
-        raise ValueError(f"BN layer(s) {never} were never called by the model's forward pass")
-    for name, facts in seen.items():
-        if not math.isfinite(facts["max_abs"]):
-            raise ValueError(f"the input of BN layer {name!r} has NaN or infinite values")
-    seen["feeds"], seen["num_batches"] = feeds, len(outputs)
-    return seen, order, outputs
+        self.calls.clear()  # no tensors kept
+
+    def check(self) -> None:
+        """Every BN layer was called, on finite inputs."""
+        never = [name for name in self.facts if name not in self.feeds]
+        if never:
+            raise ValueError(f"BN layer(s) {never} were never called by the model's forward pass")
+        for name, facts in self.facts.items():
+            if not math.isfinite(facts["max_abs"]):
+                raise ValueError(f"the input of BN layer {name!r} has NaN or infinite values")
+
+
+class _Gap:
+    """The largest |difference| and the argmax agreement between the outputs of the model as it
+    is and with population statistics, batch by batch; the first batch the model refuses."""
+
+    def __init__(self) -> None:
+        self.max, self.agree, self.rows, self.error = 0.0, 0, 0, None
+
+    def add(self, i: int, run_as_is: Callable, fixed: list) -> None:
+        try:
+            outputs = run_as_is()
+        except ValueError as e:  # e.g. a batch of one for a layer in training mode
+            self.error = self.error or f"the model as it is refuses batch {i}: {e}"
+            return
+        for a, b in zip(outputs, fixed):
+            if a.shape == b.shape and a.numel():
+                self.max = max(self.max, float((a.double() - b.double()).abs().max()))
+        a, b = (outputs[0], fixed[0]) if outputs and fixed else (None, None)
+        if a is not None and a.ndim >= 2 and a.shape[1] > 1 and a.shape == b.shape:
+            self.agree += int((a.argmax(1) == b.argmax(1)).sum())
+            self.rows += a.argmax(1).numel()
 
 
 def _half_hint(model: nn.Module) -> str:
@@ -343,28 +397,6 @@ def _tensors(out) -> list[torch.Tensor]:
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in _tensors(o)]
     return []
-
-
-def _output_gap(model: nn.Module, batches: Iterable, forward, fixed: list) -> tuple:
-    """(largest |difference|, argmax agreement, the first refusal) between ``model`` as it is
-    and the outputs ``fixed``; batches the model refuses (ValueError) are left out."""
-    device = population.model_device(model)
-    gap, agree, rows, error = 0.0, 0, 0, None
-    with torch.no_grad():
-        for i, (batch, outs_fixed) in enumerate(zip(batches, fixed)):
-            try:
-                outs = _tensors(population._run(model, batch, device, forward))
-            except ValueError as e:  # e.g. a batch of one for a layer in training mode
-                error = error or f"the model as it is refuses batch {i}: {e}"
-                continue
-            for a, b in zip(outs, outs_fixed):
-                if a.shape == b.shape and a.numel():
-                    gap = max(gap, float((a.double() - b.double()).abs().max()))
-            a, b = (outs[0], outs_fixed[0]) if outs and outs_fixed else (None, None)
-            if a is not None and a.ndim >= 2 and a.shape[1] > 1 and a.shape == b.shape:
-                agree += int((a.argmax(1) == b.argmax(1)).sum())
-                rows += a.argmax(1).numel()
-    return gap, (agree / rows if rows else None), error
 
 
 def _graph_facts(model: nn.Module, order: list[str]) -> tuple[str | None, dict]:
@@ -466,13 +498,13 @@ def _layer_report(name: str, bn: _BatchNorm, fixed: _BatchNorm, model_training: 
         min_values_per_channel=seen["min_count"], flags=flags)
 
 
-def _verdict(layers: list[LayerReport], model_training: bool, gap: tuple) -> str:
+def _verdict(layers: list[LayerReport], model_training: bool, max_gap: float,
+             agree: float | None, error: str | None) -> str:
     """One line: healthy, or how many layers carry which flags, and what it costs."""
     counts: dict[str, int] = {}
     for layer in layers:
         for f in layer.flags:
             counts[f.name] = counts.get(f.name, 0) + 1
-    max_gap, agree, error = gap
     cost = f"outputs change by up to {max_gap:.3g} with population statistics"
     if agree is not None:
         cost += f" (argmax agrees on {100 * agree:.1f}%)"

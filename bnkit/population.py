@@ -49,26 +49,6 @@ def _run(model: nn.Module, batch, device, forward: Callable | None):
     return forward(model, batch)
 
 
-class _FirstBatches:
-    """The first ``n`` batches of a re-iterable (a list, a DataLoader), on every pass."""
-
-    def __init__(self, batches: Iterable, n: int) -> None:
-        self.batches, self.n = batches, n
-
-    def __iter__(self):
-        return itertools.islice(iter(self.batches), self.n)
-
-
-def _capped(batches: Iterable, max_batches: int | None) -> Iterable:
-    """``batches`` (at most ``max_batches`` of them), iterable more than once."""
-    if max_batches is not None and not (isinstance(max_batches, int) and not isinstance(max_batches, bool)
-                                        and max_batches >= 1):
-        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-    if iter(batches) is batches:  # a one-shot iterator: keep the batches for more than one pass
-        return list(itertools.islice(batches, max_batches))
-    return batches if max_batches is None else _FirstBatches(batches, max_batches)
-
-
 def _check_forward(forward) -> None:
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be a callable forward(model, batch) or None, got {forward!r}")
@@ -165,7 +145,12 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
     if not layers:
         raise ValueError("the model has no BatchNorm layer with running statistics")
     _check_forward(forward)
-    batches = _capped(batches, max_batches)
+    if max_batches is not None:  # the first max_batches batches, kept for more than one pass
+        if not (isinstance(max_batches, int) and not isinstance(max_batches, bool) and max_batches >= 1):
+            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+        batches = list(itertools.islice(batches, max_batches))
+    elif iter(batches) is batches:  # a one-shot iterator: keep the batches for more than one pass
+        batches = list(batches)
     device = model_device(model)
     modes = {m: m.training for m in model.modules()}
     saved = {bn: (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in layers}
