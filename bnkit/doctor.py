@@ -1,10 +1,26 @@
 """A per-layer audit of a model's Batch Norm (``doctor``): which layer is wrong, and why.
 
 ``doctor(model, batches)`` measures, for every BN layer in execution order, how far its running
-statistics are from the population statistics of its inputs over ``batches`` (upstream layers
-in inference mode, as at test time: ``recompute_stats(..., upstream="eval")`` on a copy), looks
-at its mode, momentum, parameters and inputs, and raises the flags below. The model is never
-changed: everything runs on deep copies.
+statistics are from the population statistics (mean, var) of its inputs over ``batches``
+(upstream layers in inference mode, as at test time: ``recompute_stats(..., upstream="eval")``
+on a copy), looks at its mode, momentum, parameters, inputs and what feeds it, and raises these
+flags (the thresholds are the constants below):
+
+    stale_statistics             max_c |running_mean - mean| / sqrt(var + eps) > STALE_SHIFT, or
+                                 running_var / var outside [1/STALE_RATIO, STALE_RATIO] on a
+                                 channel with var >= NEAR_ZERO_FACTOR * eps
+    training_mode_at_eval        model in eval mode, layer in training mode or untracked
+    frozen_weights_moving_stats  gamma and beta do not require gradients, layer in training mode
+    near_zero_variance           a channel with var < NEAR_ZERO_FACTOR * eps
+    float16_overflow             running_mean, running_var, var or an input beyond FLOAT16_MAX
+    suspicious_momentum          momentum > MOMENTUM_MAX or momentum == 0
+    tiny_batch                   a batch with fewer than TINY_BATCH values per channel
+    redundant_bias               its input is the output of a Linear/Conv with a bias
+    dropout_before_bn            a dropout between it and the BN layers (or inputs) upstream
+
+What feeds a layer comes from a torch.fx trace, or from the order of execution on the first
+batch when the model cannot be traced (the report says which). The model is never changed:
+everything runs on deep copies.
 """
 from __future__ import annotations
 
@@ -25,7 +41,7 @@ from bnkit import population
 from bnkit._validate import values_per_feature
 from bnkit.folding import _Tracer
 
-# Thresholds (each flag's rule; the flag is raised when the rule holds).
+# Thresholds of the flags (see above).
 STALE_SHIFT = 0.5  # stale: some |running_mean - mean| > 0.5 population standard deviations ...
 STALE_RATIO = 2.0  # ... or running_var / var outside [1/2, 2] on some channel
 NEAR_ZERO_FACTOR = 10.0  # near_zero_variance: population variance < 10 * eps

@@ -244,24 +244,16 @@ class _Untraceable(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("wrap", [False, True])
-def test_redundant_bias_on_the_layer_after_a_biased_linear(wrap):
+@pytest.mark.parametrize("wrap", [False, True])  # traced by torch.fx, or not traceable
+@pytest.mark.parametrize("kwargs, flag, layer", [
+    ({"bias": True}, "redundant_bias", "1"), ({"dropout": True}, "dropout_before_bn", "5")])
+def test_what_feeds_a_layer_from_the_graph_or_the_execution_order(kwargs, flag, layer, wrap):
     batches = _batches()
-    model = _healthy(_mlp(bias=True), batches)
+    model = _healthy(_mlp(**kwargs), batches)
     model = _Untraceable(model) if wrap else model
     report = doctor(model, batches)
-    name = "inner.1" if wrap else "1"
-    assert _flags(report) == {(name, "redundant_bias")}
+    assert _flags(report) == {("inner." + layer if wrap else layer, flag)}
     assert report.graph == ("execution order" if wrap else "torch.fx")
-
-
-@pytest.mark.parametrize("wrap", [False, True])
-def test_dropout_before_bn_on_the_layer_it_feeds(wrap):
-    batches = _batches()
-    model = _healthy(_mlp(dropout=True), batches)
-    model = _Untraceable(model) if wrap else model
-    report = doctor(model, batches)
-    assert _flags(report) == {("inner.5" if wrap else "5", "dropout_before_bn")}
 
 
 def test_functional_dropout_found_by_the_trace():
