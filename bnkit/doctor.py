@@ -173,7 +173,8 @@ class Report:
             f"{self.num_batches} batches; model in {self.model_mode} mode; with population "
             f"statistics the outputs change by up to {gap}, argmax agrees on {agree}; what feeds "
             f"each layer (dropout, bias) found by {self.graph}.", 100), ""]
-        details = [f"  {layer.name}  {f.name}: {f.detail}" for layer in self.layers for f in layer.flags]
+        details = [f"  {layer.name}  {f.name}: {f.detail}"
+                   for layer in self.layers for f in layer.flags]
         if details:
             lines += ["Flags:"] + details + [""]
         for key, (explanation, action, chapter) in FLAGS.items():
@@ -189,7 +190,7 @@ class Report:
         import matplotlib.pyplot as plt
 
         if ax is None:
-            fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+            _, ax = plt.subplots(1, 2, figsize=(10, 3.5))
         names = [layer.name for layer in self.layers]
         x = range(len(names))
         ax[0].bar(x, [layer.mean_shift or 0.0 for layer in self.layers], color="C0")
@@ -214,7 +215,9 @@ def _fmt(v, spec: str) -> str:
 
 
 def _row(layer: LayerReport) -> list[str]:
-    ratio = "-" if layer.var_ratio_min is None else f"{layer.var_ratio_min:.2f}..{layer.var_ratio_max:.2f}"
+    ratio = "-"
+    if layer.var_ratio_min is not None:
+        ratio = f"{layer.var_ratio_min:.2f}..{layer.var_ratio_max:.2f}"
     return [layer.name, layer.kind, layer.mode, _fmt(layer.momentum, "g"),
             _fmt(layer.num_batches_tracked, "d"), _fmt(layer.affine_trainable, ""),
             _fmt(layer.mean_shift, ".2f"), ratio, str(len(layer.near_zero_channels)),
@@ -242,7 +245,8 @@ def doctor(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if forward is not None and not callable(forward):
-        raise TypeError(f"forward must be a callable forward(model, batch) or None, got {forward!r}")
+        raise TypeError(
+            f"forward must be a callable forward(model, batch) or None, got {forward!r}")
     if not any(isinstance(m, _BatchNorm) for m in model.modules()):
         raise ValueError(f"the model has no BatchNorm layer to audit ({type(model).__name__})")
     forward = forward or _default_forward
@@ -327,7 +331,8 @@ class _Watch:
     def _pre_hook(self, bn, args):
         z, name = args[0], self.names[bn]
         facts = self.facts[name]
-        facts["max_abs"] = max(facts["max_abs"], float(z.detach().abs().max()) if z.numel() else 0.0)
+        largest = float(z.detach().abs().max()) if z.numel() else 0.0
+        facts["max_abs"] = max(facts["max_abs"], largest)
         count = values_per_feature(tuple(z.shape))
         facts["min_count"] = count if facts["min_count"] is None else min(facts["min_count"], count)
         if self.first and name not in self.feeds:
@@ -444,7 +449,8 @@ def _dropout_upstream(node: torch.fx.Node, modules: dict) -> bool:
             continue
         visited.add(n)
         m = modules.get(n.target) if n.op == "call_module" else None
-        if isinstance(m, _DropoutNd) or (n.op == "call_function" and n.target in _DROPOUT_FUNCTIONS):
+        functional = n.op == "call_function" and n.target in _DROPOUT_FUNCTIONS
+        if isinstance(m, _DropoutNd) or functional:
             return True
         if not isinstance(m, _BatchNorm):
             todo.extend(n.all_input_nodes)
@@ -524,10 +530,14 @@ def _verdict(layers: list[LayerReport], model_training: bool, max_gap: float,
     cost = f"outputs change by up to {max_gap:.3g} with population statistics"
     if agree is not None:
         cost += f" (argmax agrees on {100 * agree:.1f}%)"
-    mode = "; the model is in training mode (call model.eval() to evaluate)" if model_training else ""
+    mode = ""
+    if model_training:
+        mode = "; the model is in training mode (call model.eval() to evaluate)"
     mode += f"; {error}" if error else ""
-    if not counts:
+    if not counts and not model_training:
         return f"healthy: no flag on {len(layers)} BN layer(s); {cost}{mode}"
     flagged = sum(1 for layer in layers if layer.flags)
     names = ", ".join(f"{k} ({v})" for k, v in counts.items())
-    return f"{flagged} of {len(layers)} BN layer(s) flagged: {names}; {cost}{mode}"
+    head = f"{flagged} of {len(layers)} BN layer(s) flagged: {names}" if counts else (
+        f"no flag on {len(layers)} BN layer(s)")
+    return f"{head}; {cost}{mode}"

@@ -43,7 +43,7 @@ def _inputs(batch) -> torch.Tensor:
 
 
 def _run(model: nn.Module, batch, device, forward: Callable | None):
-    """One forward pass: ``forward(model, batch)``, or by default the model on the batch's inputs."""
+    """One forward pass: ``forward(model, batch)``, or by default the model on the inputs."""
     if forward is None:
         return model(_inputs(batch).to(device))
     return forward(model, batch)
@@ -51,7 +51,8 @@ def _run(model: nn.Module, batch, device, forward: Callable | None):
 
 def _check_forward(forward) -> None:
     if forward is not None and not callable(forward):
-        raise TypeError(f"forward must be a callable forward(model, batch) or None, got {forward!r}")
+        raise TypeError(
+            f"forward must be a callable forward(model, batch) or None, got {forward!r}")
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -146,7 +147,7 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
         raise ValueError("the model has no BatchNorm layer with running statistics")
     _check_forward(forward)
     if max_batches is not None:  # the first max_batches batches, kept for more than one pass
-        if not (isinstance(max_batches, int) and not isinstance(max_batches, bool) and max_batches >= 1):
+        if isinstance(max_batches, bool) or not (isinstance(max_batches, int) and max_batches >= 1):
             raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
         batches = list(itertools.islice(batches, max_batches))
     elif iter(batches) is batches:  # a one-shot iterator: keep the batches for more than one pass

@@ -42,7 +42,8 @@ class _Block(nn.Module):
 def _resnet(seed=0, c=8):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
-                         _Block(c), _Block(c), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 5))
+                         _Block(c), _Block(c),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 5))
 
 
 def _healthy(model, batches):
@@ -64,7 +65,8 @@ def _flags(report) -> set[tuple[str, str]]:
 
 def _state(model):
     """Everything doctor must leave alone: tensors (bytes), requires_grad, modes, momenta."""
-    tensors = {k: (v.detach().clone(), v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()}
+    tensors = {k: (v.detach().clone(), v.requires_grad)
+               for k, v in model.state_dict(keep_vars=True).items()}
     modes = {name: (m.training, getattr(m, "momentum", None)) for name, m in model.named_modules()}
     return tensors, modes
 
@@ -88,14 +90,25 @@ def test_a_healthy_recalibrated_model_raises_no_flag(build, shape):
     assert report.verdict.startswith("healthy")
     assert report.max_output_gap < 1e-4 and report.argmax_agreement == 1.0
     for layer in report.layers:
-        assert layer.mean_shift < 1e-3 and abs(layer.var_ratio_min - 1) < 1e-3 and abs(layer.var_ratio_max - 1) < 1e-3
+        assert layer.mean_shift < 1e-3
+        assert abs(layer.var_ratio_min - 1) < 1e-3 and abs(layer.var_ratio_max - 1) < 1e-3
+
+
+def test_a_healthy_model_left_in_training_mode_is_not_called_healthy():
+    batches = _batches()
+    report = doctor(_healthy(_mlp(), batches).train(), batches)
+    assert _flags(report) == set() and report.model_mode == "train"
+    assert report.verdict.startswith("no flag on 2 BN layer(s)")
+    assert "call model.eval()" in report.verdict
+    assert report.max_output_gap > 0.01  # batch statistics, not the population's
 
 
 def test_layers_come_in_execution_order_with_their_facts():
     class Swapped(nn.Module):  # registered b, a; called a, b
         def __init__(self):
             super().__init__()
-            self.b, self.a, self.lin = nn.BatchNorm1d(8), nn.BatchNorm1d(8), nn.Linear(8, 8, bias=False)
+            self.b, self.a = nn.BatchNorm1d(8), nn.BatchNorm1d(8)
+            self.lin = nn.Linear(8, 8, bias=False)
 
         def forward(self, x):
             return self.b(self.lin(self.a(x)))
@@ -106,7 +119,8 @@ def test_layers_come_in_execution_order_with_their_facts():
     assert [layer.name for layer in report.layers] == ["a", "b"]
     a = report.layers[0]
     assert a.kind == "BatchNorm1d" and a.mode == "eval" and a.momentum == 0.1
-    assert a.num_batches_tracked == 6 and a.affine_trainable is True and a.min_values_per_channel == 32
+    assert a.num_batches_tracked == 6 and a.affine_trainable is True
+    assert a.min_values_per_channel == 32
     assert a.max_abs_input == max(float(x.abs().max()) for x in batches)
 
 
@@ -116,11 +130,13 @@ def test_layers_come_in_execution_order_with_their_facts():
 def test_bnkit_3d_and_sync_batch_norm_layers_are_audited(norm, dims):
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
     torch.manual_seed(0)
-    model = nn.Sequential(conv(2, 4, 3, bias=False), norm(4), nn.ReLU(), conv(4, 4, 1, bias=True), norm(4))
+    model = nn.Sequential(conv(2, 4, 3, bias=False), norm(4), nn.ReLU(),
+                          conv(4, 4, 1, bias=True), norm(4))
     batches = _batches((4, 2) + (5,) * dims)
     model = _healthy(model, batches)
     report = doctor(model, batches)
-    assert [(layer.name, layer.kind) for layer in report.layers] == [("1", norm.__name__), ("4", norm.__name__)]
+    assert [(layer.name, layer.kind) for layer in report.layers] == [
+        ("1", norm.__name__), ("4", norm.__name__)]
     assert _flags(report) == {("4", "redundant_bias")}
 
 
@@ -215,7 +231,8 @@ def test_suspicious_momentum_for_keras_convention_and_zero_not_none():
     batches = _batches()
     model = _healthy(_mlp(), batches)
     model[1].momentum, model[4].momentum = 0.99, 0.0
-    assert _flags(doctor(model, batches)) == {("1", "suspicious_momentum"), ("4", "suspicious_momentum")}
+    want = {("1", "suspicious_momentum"), ("4", "suspicious_momentum")}
+    assert _flags(doctor(model, batches)) == want
     model[1].momentum, model[4].momentum = None, 0.5  # cumulative; the largest accepted
     assert _flags(doctor(model, batches)) == set()
 
@@ -294,7 +311,8 @@ def test_report_prints_as_a_table_converts_to_json_and_plots():
     assert len(ax[0].patches) == 2 and len(ax[1].lines) == 2 + 2  # two layers, two thresholds
     with pytest.raises(ValueError, match="flag must be one of"):
         report.flagged("stale")
-    assert set(FLAGS) == {"stale_statistics", "training_mode_at_eval", "frozen_weights_moving_stats",
+    assert set(FLAGS) == {"stale_statistics", "training_mode_at_eval",
+                          "frozen_weights_moving_stats",
                           "near_zero_variance", "float16_overflow", "suspicious_momentum",
                           "tiny_batch", "redundant_bias", "dropout_before_bn"}
 
@@ -310,7 +328,8 @@ def test_forward_and_max_batches():
         return m(batch["x"])
 
     report = doctor(model, dicts, forward=forward, max_batches=2)
-    assert report.num_batches == 2 and _flags(report) == set() and report.layers[0].mean_shift < 1e-4
+    assert report.num_batches == 2 and _flags(report) == set()
+    assert report.layers[0].mean_shift < 1e-4
     assert len(calls) == 1 + 2 * 4  # order; first layer, second layer, observed, as it is
     assert doctor(model, iter(batches), max_batches=2).num_batches == 2  # a one-shot iterator
     assert doctor(model, ((x, 0) for x in batches)).num_batches == 6  # (x, y) pairs
