@@ -159,7 +159,7 @@ class Report:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        header = ["layer", "type", "mode", "momentum", "tracked", "trainable", "shift (std)",
+        header = ["layer", "type", "mode", "momentum", "steps", "trainable", "shift (std)",
                   "var ratio", "near-0 ch", "flags"]
         rows = [header] + [_row(layer) for layer in self.layers]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -169,6 +169,11 @@ class Report:
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows[1:]]
         gap = "n/a" if self.max_output_gap is None else f"{self.max_output_gap:.3g}"
         agree = "n/a" if self.argmax_agreement is None else f"{100 * self.argmax_agreement:.1f}%"
+        lines += [textwrap.fill(
+            "steps: num_batches_tracked; trainable: gamma and beta require gradients; shift: "
+            "max over channels of |running_mean - mean| / population std; var ratio: "
+            "running_var / population var, min..max over channels; near-0 ch: channels with "
+            f"population var < {NEAR_ZERO_FACTOR:g} eps.", 100)]
         lines += ["", textwrap.fill(
             f"{self.num_batches} batches; model in {self.model_mode} mode; with population "
             f"statistics the outputs change by up to {gap}, argmax agrees on {agree}; what feeds "
