@@ -542,7 +542,7 @@ def _verdict(layers: list[LayerReport], model_training: bool, max_gap: float,
     if not counts and not model_training:
         return f"healthy: no flag on {len(layers)} BN layer(s); {cost}{mode}"
     flagged = sum(1 for layer in layers if layer.flags)
-    names = ", ".join(f"{k} ({v})" for k, v in counts.items())
+    names = ", ".join(f"{k} ({counts[k]})" for k in FLAGS if k in counts)
     head = f"{flagged} of {len(layers)} BN layer(s) flagged: {names}" if counts else (
         f"no flag on {len(layers)} BN layer(s)")
     return f"{head}; {cost}{mode}"
