@@ -7,6 +7,7 @@ The main entry points, importable from ``bnkit`` itself:
 - ``recompute_stats(model, batches)``: population statistics for every BN layer of a model
   (``bn_layers(model)`` lists those layers, ``bn_names(model)`` names them).
 - ``fold_bn(model)``: a copy of a model for inference with BN folded into Linear/Conv layers.
+- ``doctor(model, batches)``: a per-layer audit of a model's BN (which layer is wrong, and why).
 
 The modules, one job each:
 
@@ -15,6 +16,7 @@ The modules, one job each:
 - ``bnkit.running``: exponentially weighted averages, momentum conventions and the
   estimators of test-time statistics, mergeable (count, mean, M2).
 - ``bnkit.modules``, ``bnkit.population``, ``bnkit.folding``: the three above.
+- ``bnkit.doctor``: the audit above, its Report and the thresholds of its flags.
 - ``bnkit.distributed``: statistics merged exactly across processes (``torch.distributed``).
 - ``bnkit.recording``: what every BN layer sees and keeps at each training step.
 - ``bnkit.gradcheck``: gradient checks by finite differences.
@@ -23,9 +25,10 @@ The course's helpers (``bnkit.course``: data, networks, plots, experiments) and 
 checkers (``bnkit.checks``, one module per chapter) are not imported here; they need the
 ``course`` extra (scikit-learn, matplotlib).
 """
+from bnkit.doctor import doctor
 from bnkit.folding import fold_bn
 from bnkit.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnkit.population import bn_layers, bn_names, recompute_stats
 
 __version__ = "0.1.0"
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "recompute_stats", "bn_layers", "bn_names", "fold_bn"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "recompute_stats", "bn_layers", "bn_names", "fold_bn", "doctor"]

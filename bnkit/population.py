@@ -9,7 +9,8 @@ pass per BN layer).
 """
 from __future__ import annotations
 
-from typing import Iterable
+import itertools
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -41,6 +42,19 @@ def _inputs(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch  # (x, y) from a DataLoader
 
 
+def _run(model: nn.Module, batch, device, forward: Callable | None):
+    """One forward pass: ``forward(model, batch)``, or by default the model on the inputs."""
+    if forward is None:
+        return model(_inputs(batch).to(device))
+    return forward(model, batch)
+
+
+def _check_forward(forward) -> None:
+    if forward is not None and not callable(forward):
+        raise TypeError(
+            f"forward must be a callable forward(model, batch) or None, got {forward!r}")
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of a model's parameters (or of its buffers, if it has no parameters)."""
     for tensor in model.parameters():
@@ -48,7 +62,7 @@ def model_device(model: nn.Module) -> torch.device:
     return next(iter(model.buffers())).device  # a model of BN layers without affine parameters
 
 
-def _collect(model, layers, batches, device, stop_after=None) -> dict:
+def _collect(model, layers, batches, device, stop_after=None, forward=None) -> dict:
     """Per-batch BatchStats of each layer's input, one pass over ``batches`` (no gradients)."""
     stats: dict = {bn: [] for bn in layers}
 
@@ -62,7 +76,7 @@ def _collect(model, layers, batches, device, stop_after=None) -> dict:
         with torch.no_grad():
             for batch in batches:
                 try:
-                    model(_inputs(batch).to(device))
+                    _run(model, batch, device, forward)
                 except _StopForward:
                     pass
     finally:
@@ -89,6 +103,9 @@ def recompute_stats(
     batches: Iterable,
     estimator: str = "exact",
     upstream: str = "train",
+    *,
+    forward: Callable | None = None,
+    max_batches: int | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Replace every BN layer's running_mean / running_var by population statistics.
 
@@ -102,15 +119,21 @@ def recompute_stats(
         statistics are gathered (one pass; PreciseBN, torch.optim.swa_utils.update_bn);
         "eval" — upstream BN layers already use their new statistics, as at test time (one
         pass per BN layer, each stopped at that layer).
+    forward: ``forward(model, batch)`` runs the model on one batch (for batches that are not
+        a tensor or (x, y), or models that take more than one input; it moves the batch to the
+        device itself); by default ``model(batch[0] if tuple/list else batch)`` on the model's
+        device.
+    max_batches: use only the first ``max_batches`` batches (None: all).
     Other layers (dropout, ...) run in eval mode. The model's modes, momenta, parameters and
     num_batches_tracked are left as they were; no gradients are needed. If anything fails,
     the running statistics are left as they were.
     Returns {layer name: (mean, var)} as written into the buffers.
     """
-    return _recompute(model, batches, estimator, upstream, _estimate)
+    return _recompute(model, batches, estimator, upstream, _estimate, forward, max_batches)
 
 
-def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: str, estimate) -> dict:
+def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: str, estimate,
+               forward: Callable | None = None, max_batches: int | None = None) -> dict:
     """recompute_stats with the step from a layer's per-batch BatchStats to its (mean, var) given
     as ``estimate(per_batch, estimator)``, called once per layer in the same order on every call
     (bn_layers order for "train", execution order for "eval"): bnkit.distributed passes one that
@@ -122,7 +145,12 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
     layers = bn_layers(model)
     if not layers:
         raise ValueError("the model has no BatchNorm layer with running statistics")
-    if iter(batches) is batches:  # a one-shot iterator: keep the batches for more than one pass
+    _check_forward(forward)
+    if max_batches is not None:  # the first max_batches batches, kept for more than one pass
+        if isinstance(max_batches, bool) or not (isinstance(max_batches, int) and max_batches >= 1):
+            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+        batches = list(itertools.islice(batches, max_batches))
+    elif iter(batches) is batches:  # a one-shot iterator: keep the batches for more than one pass
         batches = list(batches)
     device = model_device(model)
     modes = {m: m.training for m in model.modules()}
@@ -133,7 +161,7 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
         if upstream == "train":
             for bn in layers:
                 bn.train()  # batch statistics upstream (this also updates buffers: restored below)
-            stats = _collect(model, layers, batches, device)
+            stats = _collect(model, layers, batches, device, forward=forward)
             new = {bn: estimate(stats[bn], estimator) for bn in layers}
             _restore(saved)
         else:
@@ -144,13 +172,13 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
             handles = [bn.register_forward_pre_hook(lambda bn, args: order.append(bn)) for bn in layers]
             try:
                 with torch.no_grad():
-                    model(_inputs(first).to(device))
+                    _run(model, first, device, forward)
             finally:
                 for h in handles:
                     h.remove()
             new = {}
             for bn in dict.fromkeys(order):  # each layer once, upstream first
-                stats = _collect(model, [bn], batches, device, stop_after=bn)
+                stats = _collect(model, [bn], batches, device, stop_after=bn, forward=forward)
                 new[bn] = estimate(stats[bn], estimator)
                 bn.running_mean.copy_(new[bn][0]), bn.running_var.copy_(new[bn][1])
             missing = [bn for bn in layers if bn not in new]
