@@ -224,6 +224,9 @@ def test_admonitions_become_block_quotes_with_nested_markup():
     assert copy.cells[1].source == "> **Note**\n>\n> See $x^2$.\n>\n> Two lines.\n\n> **My title**\n>\n> Body."
     html = COMMONMARK.render(copy.cells[1].source)
     assert html.count("<blockquote>") == 2 and "<strong>Note</strong>" in html
+    # text right after the closing fence is a paragraph of its own, not part of the quote
+    after = COMMONMARK.render(_copy("```{warning}\nCareful.\n```\nNext paragraph.").cells[1].source)
+    assert after.endswith("</blockquote>\n<p>Next paragraph.</p>\n")
 
 
 def test_citations_and_cross_references():

@@ -70,6 +70,8 @@ class Work:
     year: str
     url: str  # "" where the entry has no URL or DOI
     text: str  # the full reference, in Markdown
+    rank: int = 0  # position in the book's sort order (sphinxcontrib-bibtex's default "alpha"
+    # style sorts by author, year, title, and so orders the works of one citation)
 
 
 def read_bib(path: Path) -> dict[str, Work]:
@@ -78,6 +80,8 @@ def read_bib(path: Path) -> dict[str, Work]:
     style = find_plugin("pybtex.style.formatting", "unsrt")()
     texts = {e.key: " ".join(e.text.render_as("markdown").split())
              for e in style.format_entries(bib.entries.values())}
+    order = find_plugin("pybtex.style.sorting", "author_year_title")().sort(list(bib.entries.values()))
+    rank = {e.key: i for i, e in enumerate(order)}
     works = {}
     for key, entry in bib.entries.items():
         people = entry.persons.get("author") or entry.persons.get("editor") or []
@@ -85,7 +89,7 @@ def read_bib(path: Path) -> dict[str, Work]:
         authors = " and ".join(names) if len(names) <= 2 else f"{names[0]} et al."
         doi = entry.fields.get("doi", "")
         url = entry.fields.get("url", "") or (f"https://doi.org/{doi}" if doi else "")
-        works[key] = Work(authors, entry.fields.get("year", ""), url, texts[key])
+        works[key] = Work(authors, entry.fields.get("year", ""), url, texts[key], rank[key])
     return works
 
 
@@ -279,6 +283,9 @@ class Converter:
                     body = [b.removeprefix(indent) for b in lines[i + 1:end]]
                     converted = self.directive(m["name"], m["arg"].strip(), body)
                     out.extend(indent + x if x else x for x in converted)
+                    if end + 1 < len(lines) and lines[end + 1].strip():
+                        out.append("")  # text right after the fence: its own paragraph (not a
+                        # lazy continuation of a block quote)
                 else:
                     out.extend(lines[i:end + 1])  # fenced code stays as it is
                 i = end + 1
@@ -421,7 +428,7 @@ class Converter:
         if unknown:
             raise ConversionError(f"{{{name}}} cites {unknown}, which references.bib does not hold")
         self.cited += [k for k in keys if k not in self.cited]
-        works = [self.book.works[k] for k in keys]
+        works = sorted((self.book.works[k] for k in keys), key=lambda w: w.rank)  # as the book
 
         def link(text: str, work: Work) -> str:
             return f"[{text}]({work.url})" if work.url else text
