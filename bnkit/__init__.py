@@ -7,6 +7,8 @@ The main entry points, importable from ``bnkit`` itself:
 - ``recompute_stats(model, batches)``: population statistics for every BN layer of a model
   (``bn_layers(model)`` lists those layers, ``bn_names(model)`` names them).
 - ``fold_bn(model)``: a copy of a model for inference with BN folded into Linear/Conv layers.
+- ``SyncBatchNorm``, ``convert_sync_batchnorm(model)``: Batch Norm over the global batch of
+  all processes of a ``torch.distributed`` group, on any backend (gloo on CPU, NCCL on GPU).
 
 The modules, one job each:
 
@@ -16,6 +18,7 @@ The modules, one job each:
   estimators of test-time statistics, mergeable (count, mean, M2).
 - ``bnkit.modules``, ``bnkit.population``, ``bnkit.folding``: the three above.
 - ``bnkit.distributed``: statistics merged exactly across processes (``torch.distributed``).
+- ``bnkit.sync``: ``SyncBatchNorm``, synchronised across processes in training.
 - ``bnkit.recording``: what every BN layer sees and keeps at each training step.
 - ``bnkit.gradcheck``: gradient checks by finite differences.
 
@@ -26,6 +29,10 @@ checkers (``bnkit.checks``, one module per chapter) are not imported here; they 
 from bnkit.folding import fold_bn
 from bnkit.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnkit.population import bn_layers, bn_names, recompute_stats
+from bnkit.sync import SyncBatchNorm, convert_sync_batchnorm
 
 __version__ = "0.1.0"
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "recompute_stats", "bn_layers", "bn_names", "fold_bn"]
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_sync_batchnorm",
+    "recompute_stats", "bn_layers", "bn_names", "fold_bn",
+]
