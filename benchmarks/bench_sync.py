@@ -64,7 +64,8 @@ def _worker(rank: int, world_size: int, rounds: int, steps: int) -> dict:
 
     def step(name: str) -> None:
         idx = rng.choice(len(X), PER_PROCESS, replace=False)
-        loss = nn.functional.cross_entropy(ddps[name](torch.as_tensor(X[idx])), torch.as_tensor(y[idx]))
+        logits = ddps[name](torch.as_tensor(X[idx]))  # (PER_PROCESS, 10)
+        loss = nn.functional.cross_entropy(logits, torch.as_tensor(y[idx]))
         opts[name].zero_grad()
         loss.backward()
         opts[name].step()

@@ -136,7 +136,8 @@ class SyncBatchNorm(_EstimatorBatchNorm):
         total = running.merge_all(per_rank)
         if not (all_finite(total.mean) and all_finite(total.m2)):
             raise ValueError(
-                "the training batch z contains NaN or infinite values (or values whose sum overflows)"
+                "the training batch z contains NaN or infinite values "
+                "(or values whose sum overflows)"
             )
         return BatchStats(total.count, total.mean.to(device), total.m2.to(device))
 

@@ -249,12 +249,11 @@ def test_one_collective_forward_one_backward_none_in_eval(run, case):
         assert r[case]["collectives"] == [(1, 1)] * STEPS
         y, calls = r[case]["eval"]
         assert calls == 0
-        bn = bnkit.BatchNorm2d(1).double()  # only its eval arithmetic, with the rank's buffers
-        state = r[case]["state"]
+        state = r[case]["state"]  # test time: the rank's own buffers
         z = _mine(cases[case]["z"][0], parts, rank)
         expected = nn.functional.batch_norm(
-            z, state["running_mean"], state["running_var"], r[case]["state"]["weight"],
-            state["bias"], False, 0.0, bn.eps)
+            z, state["running_mean"], state["running_var"], state["weight"], state["bias"], False,
+            0.0, SyncBatchNorm(1).eps)
         torch.testing.assert_close(y, expected, rtol=1e-14, atol=1e-14)
 
 
@@ -309,7 +308,8 @@ def test_process_group_limits_synchronisation(run):
 def test_without_a_group_it_is_bnkit_batch_norm():
     torch.manual_seed(0)
     z = torch.randn(6, 4, 5, dtype=torch.float64) * 2 + 1
-    sync, plain = SyncBatchNorm(4, estimator="cumulative").double(), bnkit.BatchNorm1d(4, estimator="cumulative").double()
+    sync = SyncBatchNorm(4, estimator="cumulative").double()
+    plain = bnkit.BatchNorm1d(4, estimator="cumulative").double()
     for module in (sync, plain):
         module.load_state_dict(plain.state_dict())
     for _ in range(2):
@@ -347,7 +347,8 @@ def test_constructor_matches_torch_sync_batch_norm():
     group = object()
     assert SyncBatchNorm(3, 1e-3, 0.2, False, False, group).process_group is group
     no_shift = SyncBatchNorm(3, bias=False)
-    assert no_shift.bias is None and list(no_shift.state_dict()) == list(nn.SyncBatchNorm(3, bias=False).state_dict())
+    assert no_shift.bias is None
+    assert list(no_shift.state_dict()) == list(nn.SyncBatchNorm(3, bias=False).state_dict())
     with pytest.raises(ValueError, match="estimator"):
         SyncBatchNorm(3, estimator="median")
 

@@ -142,10 +142,12 @@ def sync_training_worker(
         opt = torch.optim.Adam(ddp.parameters(), lr=lr)
         losses, seconds = [], []
         for t in range(steps):
-            order = np.random.default_rng(seed + t).choice(len(X), world_size * per_process, replace=False)
+            rng = np.random.default_rng(seed + t)  # the same global batch on every rank
+            order = rng.choice(len(X), world_size * per_process, replace=False)
             mine = order[rank * per_process : (rank + 1) * per_process]  # (per_process,)
             start = time.perf_counter()
-            loss = nn.functional.cross_entropy(ddp(torch.as_tensor(X[mine])), torch.as_tensor(y[mine]))
+            logits = ddp(torch.as_tensor(X[mine]))  # (per_process, 10)
+            loss = nn.functional.cross_entropy(logits, torch.as_tensor(y[mine]))
             opt.zero_grad()
             loss.backward()  # DDP averages the gradients over the ranks
             opt.step()
