@@ -19,9 +19,13 @@ than one process, every rank normalises its part of the batch with the statistic
 
 Parts may be uneven or empty. A batch refused on one rank (wrong shape, NaN, too few values
 in the whole global batch) makes every rank raise, in the same collective: nobody hangs.
-In eval mode, without an initialised group or with one process, it is bnkit's BatchNorm.
+In eval mode, without an initialised group, with one process or inside ``unsynchronised()``
+(which ``bnkit.recompute_stats`` uses), it is bnkit's BatchNorm.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,6 +38,20 @@ from bnkit.modules import _EstimatorBatchNorm
 from bnkit.running import BatchStats
 
 _OK, _REFUSED = 0.0, 1.0  # the flag each rank sends with its statistics
+_unsynchronised = 0  # > 0 inside ``unsynchronised()``
+
+
+@contextlib.contextmanager
+def unsynchronised() -> Iterator[None]:
+    """Within it, every SyncBatchNorm normalises each process's batch on its own, with no
+    communication: for passes that are not training steps and that processes need not make
+    in step (``recompute_stats`` with upstream layers in training mode, for instance)."""
+    global _unsynchronised
+    _unsynchronised += 1
+    try:
+        yield
+    finally:
+        _unsynchronised -= 1
 
 
 class SyncBatchNorm(_EstimatorBatchNorm):
@@ -73,7 +91,7 @@ class SyncBatchNorm(_EstimatorBatchNorm):
 
     def _world_size(self) -> int:
         """How many ranks share the batch (1: no synchronisation)."""
-        if not (self.training and dist.is_available() and dist.is_initialized()):
+        if _unsynchronised or not (self.training and dist.is_available() and dist.is_initialized()):
             return 1
         return dist.get_world_size(self.process_group)
 

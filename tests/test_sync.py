@@ -29,6 +29,8 @@ STEPS, MOMENTUM = 3, 0.3
 ESTIMATORS = {"equal": ("ema", MOMENTUM), "uneven": ("cumulative", None), "empty": ("ema_debiased", 0.2)}
 DDP_PARTS = {2: [6, 3], 3: [4, 0, 5]}
 DDP_STEPS, DDP_LR = 4, 0.1
+RECOMPUTE_BATCHES = {2: [3, 1], 3: [2, 1, 3]}  # batches per rank: uneven, so the ranks' passes
+# are not in step (a SyncBatchNorm that synchronised there would hang or mix batches)
 
 
 def _case(world_size: int, case: str) -> dict:
@@ -57,7 +59,9 @@ def _ddp_data(world_size: int) -> dict:
     rng = np.random.default_rng(world_size)
     n = sum(DDP_PARTS[world_size])
     return {"X": [rng.normal(size=(n, 6)) * 2 + 1 for _ in range(DDP_STEPS)],
-            "y": [rng.integers(0, 3, n) for _ in range(DDP_STEPS)]}
+            "y": [rng.integers(0, 3, n) for _ in range(DDP_STEPS)],
+            "batches": [[rng.normal(size=(5 + k, 6)) + r for k in range(b)]
+                        for r, b in enumerate(RECOMPUTE_BATCHES[world_size])]}
 
 
 def _mine(global_batch: np.ndarray, parts: list[int], rank: int) -> torch.Tensor:
@@ -154,7 +158,12 @@ def _ddp(rank: int, world_size: int, data: dict) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return {"state": copy.deepcopy(model.state_dict()), "types": [type(m).__name__ for m in model]}
+    out = {"state": copy.deepcopy(model.state_dict()), "types": [type(m).__name__ for m in model]}
+    for upstream in ("train", "eval"):  # population statistics of a SyncBatchNorm model
+        batches = [torch.as_tensor(b) for b in data["batches"][rank]]
+        model = convert_sync_batchnorm(_ddp_model())
+        out["recompute", upstream] = D.recompute_stats_distributed(model, batches, upstream=upstream)
+    return out
 
 
 def _subgroup(rank: int, world_size: int, counter: _Counter) -> dict:
@@ -288,6 +297,19 @@ def test_inside_ddp_equals_one_process_on_the_global_batch(run):
         assert r["ddp"]["types"].count("SyncBatchNorm") == 2
         for key, value in model.state_dict().items():
             torch.testing.assert_close(r["ddp"]["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("upstream", ["train", "eval"])
+def test_population_statistics_of_a_sync_model_across_processes(run, upstream):
+    world_size, _, data, results = run
+    union = [torch.as_tensor(b) for rank in data["batches"] for b in rank]
+    expected = bnkit.recompute_stats(_ddp_model(), union, upstream=upstream)
+    for r in results:
+        got = r["ddp"]["recompute", upstream]
+        assert got.keys() == expected.keys()
+        for name, (mean, var) in expected.items():
+            torch.testing.assert_close(got[name][0], mean, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got[name][1], var, rtol=1e-12, atol=1e-12)
 
 
 def test_process_group_limits_synchronisation(run):
