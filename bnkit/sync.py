@@ -30,6 +30,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit import running
@@ -200,6 +201,7 @@ class _SyncNorm(torch.autograd.Function):
         return y if bias is None else y + bias.reshape(mu.shape)
 
     @staticmethod
+    @once_differentiable  # the all-reduce is not recorded: no gradient of the gradient
     def backward(ctx, dy):
         z_hat, weight, invstd = ctx.saved_tensors
         axes = feature_axes(dy.dim())
