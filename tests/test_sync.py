@@ -90,30 +90,33 @@ class _Counter:
         return calls
 
 
-def _run_case(rank: int, world_size: int, case: str, data: dict, counter: _Counter) -> dict:
+def _run_case(
+    rank: int, world_size: int, case: str, data: dict, counter: _Counter, device: str = "cpu"
+) -> dict:
+    """SyncBatchNorm on this rank's parts, STEPS training steps, then eval; results on CPU."""
     parts = PARTS[world_size][case]
     estimator, momentum = ESTIMATORS[case]
-    bn = SyncBatchNorm(SHAPES[case][0], momentum=momentum, estimator=estimator).double()
+    bn = SyncBatchNorm(SHAPES[case][0], momentum=momentum, estimator=estimator).double().to(device)
     with torch.no_grad():
         bn.weight.copy_(torch.as_tensor(data["gamma"]))
         bn.bias.copy_(torch.as_tensor(data["beta"]))
     out: dict = {"y": [], "dz": [], "dgamma": [], "dbeta": [], "collectives": []}
     for z, dy in zip(data["z"], data["dy"]):
-        z = _mine(z, parts, rank).requires_grad_()
+        z = _mine(z, parts, rank).to(device).requires_grad_()
         counter.take()
         y = bn(z)
         forward = counter.take()
-        y.backward(_mine(dy, parts, rank))
+        y.backward(_mine(dy, parts, rank).to(device))
         out["collectives"].append((forward, counter.take()))
-        out["y"].append(y.detach())
-        out["dz"].append(z.grad)
-        out["dgamma"].append(bn.weight.grad.clone())
-        out["dbeta"].append(bn.bias.grad.clone())
+        out["y"].append(y.detach().cpu())
+        out["dz"].append(z.grad.cpu())
+        out["dgamma"].append(bn.weight.grad.cpu())
+        out["dbeta"].append(bn.bias.grad.cpu())
         bn.weight.grad = bn.bias.grad = None
-    out["state"] = copy.deepcopy(bn.state_dict())
+    out["state"] = {k: v.cpu() for k, v in bn.state_dict().items()}
     bn.eval()  # test time: the running statistics, no communication
-    z = _mine(data["z"][0], parts, rank)
-    out["eval"] = (bn(z), counter.take())
+    z = _mine(data["z"][0], parts, rank).to(device)
+    out["eval"] = (bn(z).cpu(), counter.take())
     return out
 
 
@@ -411,7 +414,33 @@ def test_ddp_accepts_it_on_cpu_where_torch_sync_batch_norm_is_refused():
     assert not issubclass(SyncBatchNorm, nn.SyncBatchNorm)
 
 
-# ---------------------------------------------------------------- CUDA, NCCL
+# ---------------------------------------------------------------- CUDA: gloo, NCCL
+
+
+def _cuda_gloo_worker(rank: int, world_size: int, cases: dict) -> dict:
+    """Batches on the GPU, gloo between the processes (collectives through the CPU)."""
+    counter = _Counter()
+    return {case: _run_case(rank, world_size, case, data, counter, "cuda") for case, data in cases.items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_batches_with_gloo_equal_batch_norm_on_the_global_batch():
+    world_size = 2
+    cases = {case: _case(world_size, case) for case in PARTS[world_size]}
+    results = D.spawn(_cuda_gloo_worker, world_size, cases, timeout=180)
+    for case, data in cases.items():
+        ref = _reference(world_size, case, data)
+        for step in range(STEPS):
+            for key in ("y", "dz"):
+                got = torch.cat([r[case][key][step] for r in results])
+                torch.testing.assert_close(got, ref[key][step], rtol=1e-10, atol=1e-10)
+            for key in ("dgamma", "dbeta"):
+                got = sum(r[case][key][step] for r in results)
+                torch.testing.assert_close(got, ref[key][step], rtol=1e-10, atol=1e-10)
+        for r in results:
+            for key in ("running_mean", "running_var"):
+                torch.testing.assert_close(r[case]["state"][key], ref["state"][key], rtol=1e-10, atol=1e-10)
+            assert r[case]["collectives"] == [(1, 1)] * STEPS
 
 
 def _nccl_worker(rank: int, world_size: int, port: int, z: torch.Tensor, dy: torch.Tensor, queue) -> None:
@@ -419,8 +448,8 @@ def _nccl_worker(rank: int, world_size: int, port: int, z: torch.Tensor, dy: tor
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     out = {}
     part = torch.chunk(z, world_size)[rank].cuda()
     dpart = torch.chunk(dy, world_size)[rank].cuda()
