@@ -8,6 +8,8 @@ The main entry points, importable from ``bnkit`` itself:
   (``bn_layers(model)`` lists those layers, ``bn_names(model)`` names them).
 - ``fold_bn(model)``: a copy of a model for inference with BN folded into Linear/Conv layers.
 - ``doctor(model, batches)``: a per-layer audit of a model's BN (which layer is wrong, and why).
+- ``SyncBatchNorm``, ``convert_sync_batchnorm(model)``: Batch Norm over the global batch of
+  all processes of a ``torch.distributed`` group, on any backend (gloo on CPU, NCCL on GPU).
 
 The modules, one job each:
 
@@ -18,6 +20,7 @@ The modules, one job each:
 - ``bnkit.modules``, ``bnkit.population``, ``bnkit.folding``: the three above.
 - ``bnkit.doctor``: the audit above, its Report and the thresholds of its flags.
 - ``bnkit.distributed``: statistics merged exactly across processes (``torch.distributed``).
+- ``bnkit.sync``: ``SyncBatchNorm``, synchronised across processes in training.
 - ``bnkit.recording``: what every BN layer sees and keeps at each training step.
 - ``bnkit.gradcheck``: gradient checks by finite differences.
 
@@ -29,6 +32,10 @@ from bnkit.doctor import doctor
 from bnkit.folding import fold_bn
 from bnkit.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnkit.population import bn_layers, bn_names, recompute_stats
+from bnkit.sync import SyncBatchNorm, convert_sync_batchnorm
 
 __version__ = "0.1.0"
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "recompute_stats", "bn_layers", "bn_names", "fold_bn", "doctor"]
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_sync_batchnorm",
+    "recompute_stats", "bn_layers", "bn_names", "fold_bn", "doctor",
+]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnkit import running
+from bnkit import running, sync
 from bnkit._validate import all_finite
 
 
@@ -161,7 +161,8 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
         if upstream == "train":
             for bn in layers:
                 bn.train()  # batch statistics upstream (this also updates buffers: restored below)
-            stats = _collect(model, layers, batches, device, forward=forward)
+            with sync.unsynchronised():  # each batch on its own, even in a SyncBatchNorm
+                stats = _collect(model, layers, batches, device, forward=forward)
             new = {bn: estimate(stats[bn], estimator) for bn in layers}
             _restore(saved)
         else:

@@ -4,6 +4,7 @@ each of ``bnkit.distributed.spawn``'s processes (functions a fresh interpreter c
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -103,3 +104,54 @@ def demo_worker(
         "moments": moments_worker(rank, world_size, offset_shards),
         "population": population_worker(rank, world_size, model, batch_shards),
     }
+
+
+def sync_training_worker(
+    rank: int,
+    world_size: int,
+    model: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    steps: int,
+    per_process: int,
+    lr: float,
+    parts: Sequence[np.ndarray] = (),
+    seed: int = 0,
+) -> dict[str, object]:
+    """Chapter 9's processes: DistributedDataParallel training, local BN vs bnkit.SyncBatchNorm.
+
+    At step t the global batch is world_size * per_process examples of X (m, 64), y (m,)
+    drawn from ``seed + t``; rank r trains on its r-th slice. The same ``model`` is trained
+    twice with Adam: as given (every rank's BN normalises its own slice) and converted with
+    ``bnkit.convert_sync_batchnorm`` (the global batch). ``parts[rank]`` (n_r, C), if given,
+    first goes through a bare bnkit.SyncBatchNorm(C) in float64. Returns {"parts": its output,
+    "local"/"sync": {"losses": per step (this rank's slice), "seconds": per step, "state"}}.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bnkit.sync import SyncBatchNorm, convert_sync_batchnorm
+
+    out: dict[str, object] = {}
+    if len(parts):
+        z = torch.as_tensor(parts[rank])
+        out["parts"] = SyncBatchNorm(z.shape[1]).double()(z).detach().numpy()
+    for name in ("local", "sync"):
+        net = copy.deepcopy(model)
+        net = convert_sync_batchnorm(net) if name == "sync" else net
+        ddp = DistributedDataParallel(net)
+        opt = torch.optim.Adam(ddp.parameters(), lr=lr)
+        losses, seconds = [], []
+        for t in range(steps):
+            rng = np.random.default_rng(seed + t)  # the same global batch on every rank
+            order = rng.choice(len(X), world_size * per_process, replace=False)
+            mine = order[rank * per_process : (rank + 1) * per_process]  # (per_process,)
+            start = time.perf_counter()
+            logits = ddp(torch.as_tensor(X[mine]))  # (per_process, 10)
+            loss = nn.functional.cross_entropy(logits, torch.as_tensor(y[mine]))
+            opt.zero_grad()
+            loss.backward()  # DDP averages the gradients over the ranks
+            opt.step()
+            seconds.append(time.perf_counter() - start)
+            losses.append(loss.item())
+        out[name] = {"losses": losses, "seconds": seconds, "state": copy.deepcopy(net.state_dict())}
+    return out
