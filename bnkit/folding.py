@@ -111,22 +111,24 @@ def _fold_into(layer: nn.Module, bn: _BatchNorm, weight: torch.Tensor) -> None:
     layer.bias = nn.Parameter(b.to(weight.dtype), requires_grad=weight.requires_grad)
 
 
-def _untie(layer: nn.Module) -> tuple[torch.Tensor, str]:
-    """Make ``layer``'s weight a plain parameter: (its effective weight, a note on how)."""
+def _untie(layer: nn.Module) -> tuple[nn.Module, str]:
+    """``layer`` with plain parameters, and a note on what that took: a parametrized layer
+    becomes a new module of its original class holding the evaluated tensors (removing the
+    parametrization would edit its class, which the caller's model shares)."""
     if parametrize.is_parametrized(layer):
-        weight = layer.weight.detach().clone()  # eval mode: spectral_norm does no power iteration
-        for name in list(layer.parametrizations):
-            value = getattr(layer, name).detach().clone()
-            leave = not layer.parametrizations[name].is_tensor  # False: the original is untouched
-            parametrize.remove_parametrizations(layer, name, leave_parametrized=leave)
-            setattr(layer, name, nn.Parameter(value))
-        return weight, "its parametrized weight was evaluated into a new plain parameter"
+        plain = object.__new__(parametrize.type_before_parametrizations(layer))
+        plain.__dict__.update(layer.__dict__)
+        plain._modules = {k: v for k, v in layer._modules.items() if k != "parametrizations"}
+        plain._parameters = dict(layer._parameters)
+        for name in layer.parametrizations:  # eval mode: spectral_norm does no power iteration
+            plain._parameters[name] = nn.Parameter(getattr(layer, name).detach().clone())
+        return plain, "its parametrized weight was evaluated into a new plain parameter"
     for hook in list(layer._forward_pre_hooks.values()):
         remove = _WEIGHT_HOOKS.get(type(hook))
-        if remove is not None:  # the older hook-based spectral_norm / weight_norm
+        if remove is not None:  # the older hook-based spectral_norm / weight_norm (on this copy)
             remove(layer)
-            return layer.weight.detach(), f"its {type(hook).__name__} hook was evaluated into a new plain weight"
-    return layer.weight.detach(), ""
+            return layer, f"its {type(hook).__name__} hook was evaluated into a new plain weight"
+    return layer, ""
 
 
 def _why_not(node, bn, modules, calls, graph, shared) -> tuple[str | None, str]:
@@ -166,6 +168,8 @@ def _shared(model: nn.Module) -> dict[str, list[str]]:
     """Each module whose parameter (or parametrization's original) another module holds too."""
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, parametrize.ParametrizationList):
+            continue  # counted with the module it parametrizes, below
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), []).append(name)
         if parametrize.is_parametrized(module):
@@ -221,8 +225,8 @@ def fold_bn(model: nn.Module, *, report: bool = False, probe=None):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_bn: model must be a torch.nn.Module, got {type(model).__name__}")
-    model = copy.deepcopy(model).eval()
-    reference = copy.deepcopy(model) if probe is not None else None
+    reference = _copy(model).eval() if probe is not None else None
+    model = _copy(model).eval()
     names = {m: name for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
     try:
         gm = torch.fx.GraphModule(model, _Tracer().trace(model))
@@ -254,12 +258,13 @@ def _fold_graph(gm: torch.fx.GraphModule, shared: dict) -> list[dict]:
         seen.add(node.target)
         into, reason = _why_not(node, bn, modules, calls, gm.graph, shared)
         if into is not None:
-            layer = modules[into]
-            weight, note = _untie(layer)
-            _fold_into(layer, bn, weight)
+            layer, note = _untie(modules[into])
+            _fold_into(layer, bn, layer.weight.detach())
             if isinstance(layer, nn.Linear):
+                layer = _as_folded_linear(layer)
+            if layer is not modules[into]:
                 parent, _, attr = into.rpartition(".")
-                setattr(gm.get_submodule(parent), attr, _as_folded_linear(layer))
+                setattr(gm.get_submodule(parent), attr, layer)
             node.replace_all_uses_with(node.all_input_nodes[0])
             gm.graph.erase_node(node)
             reason = "; ".join(r for r in (reason, note) if r)
@@ -269,6 +274,18 @@ def _fold_graph(gm: torch.fx.GraphModule, shared: dict) -> list[dict]:
     gm.recompile()
     gm.eval()
     return rows
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy, also of a model whose hook-based spectral_norm / weight_norm left a weight
+    that autograd computed (deepcopy refuses those; the hook recomputes it at the next call)."""
+    memo: dict = {}
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            weight = getattr(m, hook.name, None) if type(hook) in _WEIGHT_HOOKS else None
+            if isinstance(weight, torch.Tensor) and not weight.is_leaf:
+                memo[id(weight)] = weight.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def _finish(folded: nn.Module, rep: FoldReport, reference, probe, report: bool):
