@@ -6,7 +6,11 @@ The main entry points, importable from ``bnkit`` itself:
   of running estimator ("ema", "ema_debiased", "cumulative").
 - ``recompute_stats(model, batches)``: population statistics for every BN layer of a model
   (``bn_layers(model)`` lists those layers, ``bn_names(model)`` names them).
-- ``fold_bn(model)``: a copy of a model for inference with BN folded into Linear/Conv layers.
+- ``recompute_stats(model, batches, forward=..., max_batches=..., progress=...)``: any batches
+  (dicts, several inputs) through a forward function; every call of a shared layer counted.
+- ``fold_bn(model)``: a copy of a model for inference with BN folded into Linear/Conv/ConvTranspose
+  layers where that is exact; ``fold_bn(model, report=True, probe=x)`` also returns a
+  ``FoldReport``: for every BN layer, folded into which layer or left and why.
 
 The modules, one job each:
 
@@ -23,9 +27,10 @@ The course's helpers (``bnkit.course``: data, networks, plots, experiments) and 
 checkers (``bnkit.checks``, one module per chapter) are not imported here; they need the
 ``course`` extra (scikit-learn, matplotlib).
 """
-from bnkit.folding import fold_bn
+from bnkit.folding import FoldReport, fold_bn
 from bnkit.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnkit.population import bn_layers, bn_names, recompute_stats
 
 __version__ = "0.1.0"
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "recompute_stats", "bn_layers", "bn_names", "fold_bn"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "recompute_stats", "bn_layers", "bn_names",
+           "fold_bn", "FoldReport"]

@@ -67,7 +67,8 @@ def all_reduce_stats(stats: BatchStats, group=None) -> BatchStats:
     m2 = torch.as_tensor(stats.m2).detach().to(comm, torch.float64).reshape(-1)  # (n,)
     if mean.shape != m2.shape:
         raise ValueError(f"mean and m2 must have the same shape, got {tuple(mean.shape)} and {tuple(m2.shape)}")
-    sizes = _gather(torch.tensor([mean.numel()], dtype=torch.int64, device=comm), group)  # one per rank
+    size = torch.tensor([mean.numel()], dtype=torch.int64, device=comm)
+    sizes = _gather(size, group)  # one number per rank
     if len({int(s) for s in sizes}) != 1:
         raise ValueError(f"every rank must have the same number of features, got {[int(s) for s in sizes]}")
     count = torch.tensor([float(stats.count)], dtype=torch.float64, device=comm)

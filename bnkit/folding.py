@@ -25,7 +25,10 @@ from bnkit.population import _KERNEL_FORWARDS
 from bnkit.reference import inference_affine
 
 _FOLDABLE = (nn.Linear, _ConvNd)  # Conv1d/2d/3d and ConvTranspose1d/2d/3d
-_WEIGHT_HOOKS = {SpectralNorm: nn.utils.remove_spectral_norm, WeightNorm: nn.utils.remove_weight_norm}
+_WEIGHT_HOOKS = {  # the older hook-based weight reparametrizations, and how to remove them
+    SpectralNorm: nn.utils.remove_spectral_norm,
+    WeightNorm: nn.utils.remove_weight_norm,
+}
 
 
 class FoldedLinear(nn.Linear):
@@ -39,8 +42,9 @@ class FoldedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             raise ValueError(
-                "this Linear layer has a BatchNorm1d folded into it, which is valid for input (m, n) "
-                f"only (Linear acts on the last axis, BatchNorm1d on axis 1), got shape {list(x.shape)}"
+                "this Linear layer has a BatchNorm1d folded into it, which is valid for input "
+                "(m, n) only (Linear acts on the last axis, BatchNorm1d on axis 1), got shape "
+                f"{list(x.shape)}"
             )
         return F.linear(x, self.weight, self.bias)
 
@@ -68,13 +72,15 @@ class FoldReport:
     @property
     def verdict(self) -> str:
         folded = sum(r["folded_into"] is not None for r in self.rows)
-        text = f"fold_bn: folded {folded} of {len(self.rows)} BN layer(s), left {len(self.rows) - folded}"
+        n = len(self.rows)
+        text = f"fold_bn: folded {folded} of {n} BN layer(s), left {n - folded}"
         if self.max_abs_diff is not None:
             text += f"; max |folded - model.eval()| on the probe: {self.max_abs_diff:.3g}"
         return text
 
     def to_dict(self) -> dict:
-        return {"verdict": self.verdict, "max_abs_diff": self.max_abs_diff, "layers": [dict(r) for r in self.rows]}
+        layers = [dict(r) for r in self.rows]
+        return {"verdict": self.verdict, "max_abs_diff": self.max_abs_diff, "layers": layers}
 
     def __str__(self) -> str:
         table = [("BN layer", "folded into", "reason / note")]
@@ -98,9 +104,10 @@ def _fold_into(layer: nn.Module, bn: _BatchNorm, weight: torch.Tensor) -> None:
     ones = torch.ones_like(bn.running_mean, dtype=torch.float64)
     gamma = bn.weight.double() if bn.weight is not None else ones
     beta = bn.bias.double() if bn.bias is not None else 0 * ones
-    scale, shift = inference_affine(gamma, beta, bn.running_mean.double(), bn.running_var.double(), bn.eps)
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    scale, shift = inference_affine(gamma, beta, mean, var, bn.eps)
     w = weight.double()
-    if isinstance(layer, _ConvTransposeNd):  # weight (in, out / groups, *k): out is axis 1 per group
+    if isinstance(layer, _ConvTransposeNd):  # weight (in, out / groups, *k): out on axis 1
         g, k = layer.groups, w.shape[2:]
         w = w.reshape(g, w.shape[0] // g, w.shape[1], *k) * scale.reshape(g, 1, -1, *(1,) * len(k))
         w = w.reshape(weight.shape)
@@ -134,7 +141,7 @@ def _untie(layer: nn.Module) -> tuple[nn.Module, str]:
 def _why_not(node, bn, modules, calls, graph, shared) -> tuple[str | None, str]:
     """(the name of the layer this BN folds into, "") or (None, the reason it stays)."""
     if not bn.track_running_stats or bn.running_mean is None:
-        return None, "no running statistics (track_running_stats=False): batch statistics at test time"
+        return None, "no running statistics (track_running_stats=False): batch statistics"
     if type(bn).forward not in _KERNEL_FORWARDS + (nn.SyncBatchNorm.forward,):
         return None, f"its class {type(bn).__name__} has its own forward"
     if calls[node.target] > 1:
@@ -144,23 +151,28 @@ def _why_not(node, bn, modules, calls, graph, shared) -> tuple[str | None, str]:
     inputs = list(node.args) + list(node.kwargs.values())
     prev = inputs[0] if len(inputs) == 1 else None
     if not (isinstance(prev, torch.fx.Node) and prev.op == "call_module"):
-        source = f"{prev.op} {prev.target}" if isinstance(prev, torch.fx.Node) else type(prev).__name__
+        node_ = isinstance(prev, torch.fx.Node)
+        source = f"{prev.op} {prev.target}" if node_ else type(prev).__name__
         return None, f"its input is not the output of a layer ({source})"
     layer = modules[prev.target]
     if not isinstance(layer, _FOLDABLE):
-        return None, f"its input comes from {prev.target} ({type(layer).__name__}), not a Linear/Conv"
+        kind = type(layer).__name__
+        return None, f"its input comes from {prev.target} ({kind}), not a Linear/Conv"
     if calls[prev.target] > 1:
         return None, f"{prev.target} is called {calls[prev.target]} times per forward pass"
     if len(prev.users) != 1:
         return None, f"the output of {prev.target} is also used elsewhere"
     if _out_features(layer) != bn.num_features:
-        return None, f"{prev.target} has {_out_features(layer)} outputs, the BN {bn.num_features} features"
+        n = _out_features(layer)
+        return None, f"{prev.target} has {n} outputs, the BN {bn.num_features} features"
     if any(n.op == "get_attr" and n.target.startswith(prev.target + ".") for n in graph.nodes):
         return None, f"the parameters of {prev.target} are also read directly by the forward pass"
-    if layer._forward_hooks or any(type(h) not in _WEIGHT_HOOKS for h in layer._forward_pre_hooks.values()):
+    other_pre_hooks = any(type(h) not in _WEIGHT_HOOKS for h in layer._forward_pre_hooks.values())
+    if layer._forward_hooks or other_pre_hooks:
         return None, f"{prev.target} has forward hooks, which would see different values"
     if prev.target in shared:
-        return prev.target, f"its weight was shared with {', '.join(shared[prev.target])}: now its own copy"
+        others = ", ".join(shared[prev.target])
+        return prev.target, f"its weight was shared with {others}: now its own copy"
     return prev.target, ""
 
 
@@ -231,7 +243,8 @@ def fold_bn(model: nn.Module, *, report: bool = False, probe=None):
     try:
         gm = torch.fx.GraphModule(model, _Tracer().trace(model))
     except Exception as e:  # not traceable: nothing is folded
-        reason = f"the model is not traceable by torch.fx ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+        error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+        reason = f"the model is not traceable by torch.fx ({error})"
         rows = [{"bn": name, "folded_into": None, "reason": reason} for name in names.values()]
         if not report:
             warnings.warn(f"fold_bn folded nothing: {reason}", stacklevel=2)
@@ -295,7 +308,7 @@ def _finish(folded: nn.Module, rep: FoldReport, reference, probe, report: bool):
 
 
 def _as_folded_linear(layer: nn.Linear) -> FoldedLinear:
-    folded = FoldedLinear(layer.in_features, layer.out_features, bias=True, device=layer.weight.device,
-                          dtype=layer.weight.dtype)
+    w = layer.weight
+    folded = FoldedLinear(layer.in_features, layer.out_features, device=w.device, dtype=w.dtype)
     folded.weight, folded.bias = layer.weight, layer.bias  # the folded parameters themselves
     return folded

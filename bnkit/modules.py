@@ -114,9 +114,9 @@ class _EstimatorBatchNorm(_BatchNorm):
         "cumulative", without the refusal of non-finite batches."""
         if self.estimator == "ema_debiased":
             raise TypeError(
-                "bnkit BatchNorm with estimator='ema_debiased' cannot be TorchScripted (torch.nn has "
-                "no such estimator); script the model in eval mode after replacing it by torch.nn's, "
-                "or use estimator='ema' or 'cumulative'"
+                "bnkit BatchNorm with estimator='ema_debiased' cannot be TorchScripted (torch.nn "
+                "has no such estimator): use estimator='ema' or 'cumulative', or load its "
+                "state_dict into torch.nn's BatchNorm for an inference-only model"
             )
         base = next(c for c in type(self).__mro__ if c.__module__ == "torch.nn.modules.batchnorm")
         momentum = None if self.estimator == "cumulative" else self.momentum

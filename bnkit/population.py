@@ -77,7 +77,9 @@ def _num_samples(batch) -> int:
     while isinstance(batch, (tuple, list, dict)) and batch:
         batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
     if not isinstance(batch, torch.Tensor) or batch.ndim == 0:
-        raise TypeError(f"max_samples counts axis 0 of a batch's first tensor; found {type(batch).__name__}")
+        raise TypeError(
+            f"max_samples counts axis 0 of a batch's first tensor; found {type(batch).__name__}"
+        )
     return batch.shape[0]
 
 
@@ -225,7 +227,8 @@ def recompute_stats(
                       max_batches=max_batches, max_samples=max_samples, progress=progress)
 
 
-def _check_arguments(model, batches, estimator, upstream, forward, max_batches, max_samples, progress):
+def _check_arguments(model, batches, estimator, upstream, forward, max_batches, max_samples,
+                     progress) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(batches, Iterable):
@@ -235,12 +238,13 @@ def _check_arguments(model, batches, estimator, upstream, forward, max_batches, 
     if upstream not in ("train", "eval"):
         raise ValueError(f"upstream must be 'train' or 'eval', got {upstream!r}")
     if forward is not None and not callable(forward):
-        raise TypeError(f"forward must be a callable forward(model, batch) or None, got {forward!r}")
+        raise TypeError(f"forward must be a callable forward(model, batch), got {forward!r}")
     for name, cap in (("max_batches", max_batches), ("max_samples", max_samples)):
-        if cap is not None and not (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1):
+        positive = isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1
+        if cap is not None and not positive:
             raise ValueError(f"{name} must be a positive integer or None, got {cap!r}")
     if not (progress in (True, False, None) or callable(progress)):
-        raise TypeError(f"progress must be True, False or a callable progress(i, n), got {progress!r}")
+        raise TypeError(f"progress must be True, False or a callable f(i, n), got {progress!r}")
 
 
 def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: str, estimate,
@@ -250,7 +254,8 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
     once per layer in the same order on every call (bn_layers order for "train", execution
     order then the layers never reached for "eval"): bnkit.distributed passes one that merges
     the statistics of all processes."""
-    _check_arguments(model, batches, estimator, upstream, forward, max_batches, max_samples, progress)
+    caps = (max_batches, max_samples)
+    _check_arguments(model, batches, estimator, upstream, forward, *caps, progress)
     layers = bn_layers(model)
     if not layers:
         raise ValueError("the model has no BatchNorm layer with running statistics")
@@ -265,7 +270,7 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
     try:
         model.eval()
         fit = _fit_train if upstream == "train" else _fit_eval
-        new = fit(model, layers, batches, run, estimator, estimate, (max_batches, max_samples), progress)
+        new = fit(model, layers, batches, run, estimator, estimate, caps, progress)
         _restore(saved)  # counters, and the buffers of layers that ran their own training forward
         with torch.no_grad():
             for bn, (mean, var) in new.items():
@@ -275,12 +280,13 @@ def _recompute(model: nn.Module, batches: Iterable, estimator: str, upstream: st
         if not done:
             _restore(saved)
         for m, mode in modes.items():
-            m.training = mode  # this module's flag only: m.train(mode) would also reset its children
+            m.training = mode  # this module's flag only: m.train(mode) would reset its children
     missing = [name for bn, name in bn_names(model).items() if bn not in new]
     if missing:
-        warnings.warn(f"recompute_stats: {len(missing)} BN layer(s) never called by the forward pass "
-                      f"kept their statistics: {', '.join(missing)}", stacklevel=3)
-    return {name: (bn.running_mean.clone(), bn.running_var.clone()) for bn, name in bn_names(model).items()}
+        warnings.warn(f"recompute_stats: {len(missing)} BN layer(s) never called by the forward "
+                      f"pass kept their statistics: {', '.join(missing)}", stacklevel=3)
+    names = bn_names(model)
+    return {name: (bn.running_mean.clone(), bn.running_var.clone()) for bn, name in names.items()}
 
 
 def _total(batches, caps) -> int | None:
@@ -299,7 +305,8 @@ def _fit_train(model, layers, batches, run, estimator, estimate, caps, progress)
             undo.append(lambda bn=bn, own=own: _set_forward(bn, own))
         else:  # its own forward in training mode (buffers restored below), float64 statistics
             bn.train()
-            undo.append(bn.register_forward_pre_hook(_float64_hook(records), with_kwargs=True).remove)
+            hook = bn.register_forward_pre_hook(_float64_hook(records), with_kwargs=True)
+            undo.append(hook.remove)
     tick, close = _ticker(progress, _total(batches, caps))
     n = 0
     try:
@@ -324,8 +331,10 @@ def _fit_eval(model, layers, batches, run, estimator, estimate, caps, progress) 
     if first is _NO_BATCH:  # not a StopIteration escaping from here
         raise ValueError("recompute_stats needs at least one batch")
     calls: dict = {}  # execution order of the BN layers and calls per layer, from the first batch
-    handles = [bn.register_forward_pre_hook(lambda bn, args: calls.__setitem__(bn, calls.get(bn, 0) + 1))
-               for bn in layers]
+    def count(bn, args):
+        calls[bn] = calls.get(bn, 0) + 1
+
+    handles = [bn.register_forward_pre_hook(count) for bn in layers]
     try:
         with torch.no_grad():
             run(model, first)
