@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import parametrize
@@ -162,6 +163,10 @@ def _why_not(node, bn, modules, calls, graph, shared) -> tuple[str | None, str]:
         return None, f"{prev.target} is called {calls[prev.target]} times per forward pass"
     if len(prev.users) != 1:
         return None, f"the output of {prev.target} is also used elsewhere"
+    meta = node.meta.get("tensor_meta")  # its shape on the probe, if one was given
+    if isinstance(layer, nn.Linear) and meta is not None and len(meta.shape) != 2:
+        return None, (f"its input after {prev.target} has shape {tuple(meta.shape)}: Linear acts on "
+                      "the last axis, BatchNorm1d on axis 1 (one affine map for (m, n) only)")
     if _out_features(layer) != bn.num_features:
         n = _out_features(layer)
         return None, f"{prev.target} has {n} outputs, the BN {bn.num_features} features"
@@ -227,7 +232,8 @@ def fold_bn(model: nn.Module, *, report: bool = False, probe=None):
     (eval mode) into a plain parameter. BN layers that cannot be folded exactly stay, in eval
     mode: see the report's reasons. The result equals ``model.eval()`` up to round-off;
     ``model`` itself is not changed. A Linear with a BN folded into it becomes a
-    ``FoldedLinear``, which refuses input that is not (m, n).
+    ``FoldedLinear``, which refuses input that is not (m, n); given a probe, a Linear +
+    BatchNorm1d pair that sees (m, C, L) input is left unfolded instead.
     Uses torch.fx to find the pairs; a model torch.fx cannot trace comes back unfolded (a
     copy in eval mode), with a warning unless a report is asked for.
 
@@ -249,6 +255,11 @@ def fold_bn(model: nn.Module, *, report: bool = False, probe=None):
         if not report:
             warnings.warn(f"fold_bn folded nothing: {reason}", stacklevel=2)
         return _finish(model, FoldReport(rows), reference, probe, report)
+    if probe is not None and not isinstance(probe, dict):  # shapes, for Linear + BatchNorm1d
+        try:
+            ShapeProp(gm).propagate(*(probe if isinstance(probe, (tuple, list)) else (probe,)))
+        except Exception:  # the probe itself fails: reported when it runs below
+            pass
     rows = _fold_graph(gm, _shared(model))
     called = {r["bn"] for r in rows}
     rows += [{"bn": n, "folded_into": None, "reason": "never called by the forward pass"}

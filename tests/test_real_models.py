@@ -700,3 +700,27 @@ def test_distributed_merge_runs_on_the_backends_device(group, device, upstream):
     stats = bnkit.running.batch_stats(batches[0])
     merged = all_reduce_stats(stats)
     assert merged.mean.device == stats.mean.device and torch.equal(merged.m2, stats.m2)
+
+
+def test_recompute_from_the_kernels_float32_statistics_is_close_to_a_float64_reduction():
+    """upstream="train" reads float32 batch statistics from the BN kernel, merged in float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    batches = [100 + torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    got = bnkit.recompute_stats(copy.deepcopy(model), batches)["1"]
+    with torch.no_grad():
+        z = torch.cat([model[0](x) for x in batches]).double()  # the float32 activations
+    mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3))
+    assert ((got[0].double() - mean).abs() / var.sqrt()).max() < 1e-5
+    assert ((got[1].double() - var) / var).abs().max() < 1e-5
+
+
+def test_fold_bn_with_a_probe_leaves_linear_and_batchnorm1d_on_3d_input():
+    """Linear on the last axis of (m, C, L) then BatchNorm1d on axis C: with L = C it runs, but
+    the pair is not one affine map. With a probe fold_bn sees the shape and leaves it."""
+    model = _randomise(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    x3 = _x(5, 4, 4)
+    folded, report = bnkit.fold_bn(model, report=True, probe=x3)
+    assert report.max_abs_diff < 1e-12 and _n_bn(folded) == 1 and "(5, 4, 4)" in report.rows[0]["reason"]
+    folded2d, report2d = bnkit.fold_bn(model, report=True, probe=_x(5, 4))
+    assert _n_bn(folded2d) == 0 and report2d.max_abs_diff < 1e-12
