@@ -8,6 +8,8 @@ keep the same state_dict keys as ``torch.nn``'s (weights load both ways), plus
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,7 +77,9 @@ class _EstimatorBatchNorm(_BatchNorm):
         check_momentum(self.momentum)
         if not self.training and self.track_running_stats:  # test time: fixed statistics
             return F.batch_norm(z, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        count = check_batch_size(z)  # values per feature/channel, more than one
+        check_batch_size(z)  # more than one value per feature/channel
+        if self.track_running_stats and z.device.type == "cpu":
+            return self._forward_train_cpu(z)
         # The batch statistics land in fresh buffers: with momentum 1 the kernel writes the batch
         # mean and the unbiased batch variance there, and nothing of ours changes before the checks.
         dtype = self.running_mean.dtype if self.running_mean is not None else z.dtype
@@ -86,11 +90,27 @@ class _EstimatorBatchNorm(_BatchNorm):
             check_finite_batch(mu)  # a NaN or inf in z shows in mu ...
             check_finite_batch(var_unbiased)  # ... and squares that overflow show in the variance
         if self.track_running_stats:
-            self._update_running(mu, var_unbiased, count)
+            self._update_running(mu, var_unbiased)
+        return z_tilde
+
+    def _forward_train_cpu(self, z: torch.Tensor) -> torch.Tensor:
+        """On the CPU the kernel itself updates the buffers, with momentum w_t (the estimator's
+        weight of this batch); a non-finite batch makes them non-finite: they are put back."""
+        t = int(self.num_batches_tracked) + 1  # no synchronisation on the CPU
+        w = running.update_weight(self.estimator, t, self.momentum)
+        saved = self.running_mean.clone(), self.running_var.clone()
+        z_tilde = F.batch_norm(z, self.running_mean, self.running_var, self.weight, self.bias, True, w,
+                               self.eps)
+        total = self.running_mean.sum(dtype=torch.float64) + self.running_var.sum(dtype=torch.float64)
+        if not math.isfinite(total):  # one NaN or inf makes the float64 sum non-finite
+            with torch.no_grad():
+                self.running_mean.copy_(saved[0]), self.running_var.copy_(saved[1])
+            check_finite_batch(torch.tensor(float("nan")))  # its ValueError for a non-finite z
+        self.num_batches_tracked.add_(1)
         return z_tilde
 
     @torch.no_grad()
-    def _update_running(self, mu: torch.Tensor, var_unbiased: torch.Tensor, count: int) -> None:
+    def _update_running(self, mu: torch.Tensor, var_unbiased: torch.Tensor) -> None:
         """running <- (1 - w_t) running + w_t batch, all on the device (no .item()): on an
         accelerator, a non-finite batch leaves the statistics and the counter as they were."""
         finite = torch.isfinite(mu).all() & torch.isfinite(var_unbiased).all()  # () bool

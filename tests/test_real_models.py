@@ -724,3 +724,24 @@ def test_fold_bn_with_a_probe_leaves_linear_and_batchnorm1d_on_3d_input():
     assert report.max_abs_diff < 1e-12 and _n_bn(folded) == 1 and "(5, 4, 4)" in report.rows[0]["reason"]
     folded2d, report2d = bnkit.fold_bn(model, report=True, probe=_x(5, 4))
     assert _n_bn(folded2d) == 0 and report2d.max_abs_diff < 1e-12
+
+
+@pytest.mark.parametrize("estimator, momentum", [("ema", 0.1), ("ema", None), ("ema_debiased", 0.3),
+                                                 ("cumulative", 0.1)])
+def test_the_accelerator_update_equals_the_cpu_update_and_skips_non_finite_batches(estimator, momentum):
+    """The update an accelerator runs (tensors only, torch.where) checked on the CPU against the
+    CPU path (the kernel's own update with w_t), batch by batch, a non-finite batch in between."""
+    cpu = bnkit.BatchNorm2d(3, estimator=estimator, momentum=momentum).to(DT).train()
+    device_path = copy.deepcopy(cpu)
+    for i in range(4):
+        z = _x(5, 3, 2, 2, seed=40 + i) * (i + 1) + i
+        cpu(z)
+        mu, var = torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT)
+        F.batch_norm(z, mu, var, None, None, True, 1.0)  # what the accelerator path computes
+        device_path._update_running(mu, var)
+        state = {k: v.clone() for k, v in device_path.state_dict().items()}
+        device_path._update_running(mu * float("nan"), var)  # a non-finite batch: nothing changes
+        for k, v in device_path.state_dict().items():
+            assert torch.equal(v, state[k]), k
+        for k, v in cpu.state_dict().items():
+            torch.testing.assert_close(device_path.state_dict()[k], v, rtol=1e-14, atol=1e-15)
