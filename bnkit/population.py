@@ -5,7 +5,9 @@ statistics of the training set seen through the final network. ``recompute_stats
 for any model, with torch.nn's BN layers or bnkit's: "exact" (merged per-batch
 (count, mean, M2) in float64) or "algorithm2" (the paper's E_B[mu_B], m/(m-1) E_B[var_B]),
 with upstream layers in training mode (one pass) or already in inference mode (one partial
-pass per BN layer).
+pass per BN layer). Any batches: a ``forward(model, batch)`` function runs the model on one
+(dicts, several inputs), with a cap on batches or examples and a progress bar or callback.
+Every call of a layer counts (a shared backbone); layers never reached keep their statistics.
 """
 from __future__ import annotations
 
@@ -211,7 +213,8 @@ def recompute_stats(
 
     Every call of a BN layer counts: a layer called twice per forward pass (a shared backbone)
     gets the statistics of all its inputs. Layers the forward pass never reaches keep their
-    statistics and are named in a warning. Other layers (dropout, ...) run in eval mode.
+    statistics and are named in a warning (with upstream "eval", the layers the first batch
+    does not reach). Other layers (dropout, ...) run in eval mode.
     The model's modes, momenta, parameters and num_batches_tracked are left as they were; no
     gradients are needed. If anything fails, the running statistics are left as they were.
 
@@ -334,6 +337,7 @@ def _fit_eval(model, layers, batches, run, estimator, estimate, caps, progress) 
     if first is _NO_BATCH:  # not a StopIteration escaping from here
         raise ValueError("recompute_stats needs at least one batch")
     calls: dict = {}  # execution order of the BN layers and calls per layer, from the first batch
+
     def count(bn, args):
         calls[bn] = calls.get(bn, 0) + 1
 
