@@ -745,3 +745,39 @@ def test_the_accelerator_update_equals_the_cpu_update_and_skips_non_finite_batch
             assert torch.equal(v, state[k]), k
         for k, v in cpu.state_dict().items():
             torch.testing.assert_close(device_path.state_dict()[k], v, rtol=1e-14, atol=1e-15)
+
+
+def _dict_forward(model, batch):
+    return model(batch["image"])
+
+
+def _distributed_worker(rank: int, world_size: int, model: nn.Module, shards: list) -> dict:
+    from bnkit.distributed import recompute_stats_distributed
+
+    out = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for estimator, upstream in [("exact", "train"), ("exact", "eval"), ("algorithm2", "train")]:
+            out[estimator, upstream] = recompute_stats_distributed(
+                copy.deepcopy(model), shards[rank], estimator, upstream, forward=_dict_forward)
+    out["warnings"] = [str(w.message) for w in caught]
+    return out
+
+
+def test_distributed_merge_with_dict_batches_and_a_layer_no_rank_reaches():
+    """Two gloo processes, uneven shards of dict batches through forward=, an auxiliary head no
+    rank calls: every rank writes what recompute_stats gives on the union, and keeps aux."""
+    from bnkit.distributed import spawn
+
+    model = _randomise(AuxHead())
+    shards = [[{"image": x} for x in _loader(n=2, m=6, seed=60)], [{"image": x} for x in _loader(n=3, m=6, seed=70)]]
+    results = spawn(_distributed_worker, 2, model, shards, timeout=120)
+    union = [b for shard in shards for b in shard]
+    for estimator, upstream in [("exact", "train"), ("exact", "eval"), ("algorithm2", "train")]:
+        with pytest.warns(UserWarning, match="aux.1"):
+            expected = bnkit.recompute_stats(copy.deepcopy(model), union, estimator, upstream, forward=_dict_forward)
+        for r in results:
+            for name in expected:
+                torch.testing.assert_close(r[estimator, upstream][name], expected[name], rtol=1e-12, atol=1e-13)
+            assert torch.equal(r[estimator, upstream]["aux.1"][0], model.aux[1].running_mean)
+    assert all(any("aux.1" in w for w in r["warnings"]) for r in results)
