@@ -283,7 +283,7 @@ def _fold_graph(gm: torch.fx.GraphModule, shared: dict) -> list[dict]:
         into, reason = _why_not(node, bn, modules, calls, gm.graph, shared)
         if into is not None:
             layer, note = _untie(modules[into])
-            _fold_into(layer, bn, layer.weight.detach())
+            _fold_into(layer, bn, layer.weight)
             if isinstance(layer, nn.Linear):
                 layer = _as_folded_linear(layer)
             if layer is not modules[into]:

@@ -781,3 +781,14 @@ def test_distributed_merge_with_dict_batches_and_a_layer_no_rank_reaches():
                 torch.testing.assert_close(r[estimator, upstream][name], expected[name], rtol=1e-12, atol=1e-13)
             assert torch.equal(r[estimator, upstream]["aux.1"][0], model.aux[1].running_mean)
     assert all(any("aux.1" in w for w in r["warnings"]) for r in results)
+
+
+def test_folded_parameters_are_parameters_that_train_like_the_originals():
+    model = _randomise(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 2),
+                                     nn.BatchNorm1d(2)))
+    folded = bnkit.fold_bn(model)
+    params = dict(folded.named_parameters())
+    assert set(params) == {"0.weight", "0.bias", "3.weight", "3.bias"}
+    assert all(p.requires_grad for p in params.values())
+    folded(_x(2, 3, 5, 5)).sum().backward()
+    assert all(p.grad is not None for p in params.values())
