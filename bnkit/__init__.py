@@ -6,7 +6,11 @@ The main entry points, importable from ``bnkit`` itself:
   of running estimator ("ema", "ema_debiased", "cumulative").
 - ``recompute_stats(model, batches)``: population statistics for every BN layer of a model
   (``bn_layers(model)`` lists those layers, ``bn_names(model)`` names them).
-- ``fold_bn(model)``: a copy of a model for inference with BN folded into Linear/Conv layers.
+- ``recompute_stats(model, batches, forward=..., max_batches=..., progress=...)``: any batches
+  (dicts, several inputs) through a forward function; every call of a shared layer counted.
+- ``fold_bn(model)``: a copy of a model for inference with BN folded into Linear/Conv/ConvTranspose
+  layers where that is exact; ``fold_bn(model, report=True, probe=x)`` also returns a
+  ``FoldReport``: for every BN layer, folded into which layer or left and why.
 - ``doctor(model, batches)``: a per-layer audit of a model's BN (which layer is wrong, and why).
 - ``SyncBatchNorm``, ``convert_sync_batchnorm(model)``: Batch Norm over the global batch of
   all processes of a ``torch.distributed`` group, on any backend (gloo on CPU, NCCL on GPU).
@@ -29,7 +33,7 @@ checkers (``bnkit.checks``, one module per chapter) are not imported here; they 
 ``course`` extra (scikit-learn, matplotlib).
 """
 from bnkit.doctor import doctor
-from bnkit.folding import fold_bn
+from bnkit.folding import FoldReport, fold_bn
 from bnkit.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnkit.population import bn_layers, bn_names, recompute_stats
 from bnkit.sync import SyncBatchNorm, convert_sync_batchnorm
@@ -37,5 +41,5 @@ from bnkit.sync import SyncBatchNorm, convert_sync_batchnorm
 __version__ = "0.1.0"
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_sync_batchnorm",
-    "recompute_stats", "bn_layers", "bn_names", "fold_bn", "doctor",
+    "recompute_stats", "bn_layers", "bn_names", "fold_bn", "FoldReport", "doctor",
 ]

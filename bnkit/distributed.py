@@ -37,6 +37,13 @@ from bnkit.running import BatchStats
 # ---------------------------------------------------------------- merging across ranks
 
 
+def comm_device(group=None) -> torch.device:
+    """Where the group's collectives run: the current CUDA device for NCCL, else the CPU (gloo)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
     """Every rank's copy of ``t`` (same shape on every rank), in rank order."""
     out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
@@ -55,17 +62,25 @@ def all_reduce_stats(stats: BatchStats, group=None) -> BatchStats:
     """
     is_tensor = isinstance(stats.mean, torch.Tensor)
     device = stats.mean.device if is_tensor else None
-    mean = torch.as_tensor(stats.mean, dtype=torch.float64).detach().cpu().reshape(-1)  # (n,)
-    m2 = torch.as_tensor(stats.m2, dtype=torch.float64).detach().cpu().reshape(-1)  # (n,)
+    comm = comm_device(group)  # NCCL needs CUDA tensors, gloo takes CPU ones
+    mean = torch.as_tensor(stats.mean).detach().to(comm, torch.float64).reshape(-1)  # (n,)
+    m2 = torch.as_tensor(stats.m2).detach().to(comm, torch.float64).reshape(-1)  # (n,)
     if mean.shape != m2.shape:
         raise ValueError(f"mean and m2 must have the same shape, got {tuple(mean.shape)} and {tuple(m2.shape)}")
-    sizes = _gather(torch.tensor([mean.numel()], dtype=torch.int64), group)  # one number per rank
+    size = torch.tensor([mean.numel()], dtype=torch.int64, device=comm)
+    sizes = _gather(size, group)  # one number per rank
     if len({int(s) for s in sizes}) != 1:
         raise ValueError(f"every rank must have the same number of features, got {[int(s) for s in sizes]}")
-    packed = torch.cat([torch.tensor([float(stats.count)], dtype=torch.float64), mean, m2])  # (2n + 1,)
+    count = torch.tensor([float(stats.count)], dtype=torch.float64, device=comm)
+    packed = torch.cat([count, mean, m2])  # (2n + 1,)
     n = mean.numel()
     per_rank = [BatchStats(int(p[0]), p[1 : n + 1], p[n + 1 :]) for p in _gather(packed, group)]
-    total = running.merge_all(per_rank)
+    if all(s.count == 0 for s in per_rank):  # no values anywhere (a layer never reached)
+        total = BatchStats(0, torch.zeros_like(mean), torch.zeros_like(m2))
+    else:
+        total = running.merge_all(per_rank)
+    if not is_tensor:
+        total = BatchStats(total.count, total.mean.cpu(), total.m2.cpu())
     if is_tensor:
         return BatchStats(total.count, total.mean.to(device), total.m2.to(device))
     return BatchStats(total.count, total.mean.numpy(), total.m2.numpy())
@@ -82,8 +97,9 @@ def naive_all_reduce_moments(z: torch.Tensor, group=None) -> tuple[int, torch.Te
     axes = feature_axes(z.ndim)
     local_count = z.numel() // z.shape[1]
     packed = torch.stack([torch.full_like(z.sum(axes), local_count), z.sum(axes), (z * z).sum(axes)])  # (3, n)
+    packed = packed.to(comm_device(group))
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    count, sum_z, sum_z2 = packed
+    count, sum_z, sum_z2 = packed.to(z.device)
     mean = sum_z / count
     var = (sum_z2 - count * mean * mean) / (count - 1)
     return int(count[0].item()), mean, var
@@ -95,19 +111,25 @@ def naive_all_reduce_moments(z: torch.Tensor, group=None) -> tuple[int, torch.Te
 def _estimate_across(group) -> Callable:
     """The estimate step of recompute_stats, with every rank's batches merged in."""
 
-    def estimate(per_batch: list[BatchStats], estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
-        device = per_batch[0].mean.device
+    def estimate(per_batch: list[BatchStats], estimator: str, bn: nn.Module):
+        device = bn.running_mean.device
+        none = torch.zeros(bn.num_features, dtype=torch.float64, device=device)  # no batch here
         if estimator == "exact":  # merge locally, then across ranks: O(n) numbers per rank
-            mean, var = running.finalize(all_reduce_stats(running.merge_all(per_batch), group))
+            local = running.merge_all(per_batch) if per_batch else BatchStats(0, none, none)
+            total = all_reduce_stats(local, group)
+            if total.count == 0:  # no rank reached this layer
+                return None
+            mean, var = running.finalize(total)
         else:  # "algorithm2": the average over all batches of all ranks of mu_B and unbiased var_B
-            local = torch.stack(
-                [
-                    torch.full_like(per_batch[0].mean, float(len(per_batch))),
-                    torch.stack([s.mean for s in per_batch]).sum(0),
-                    torch.stack([running.unbiased(s.m2 / s.count, s.count) for s in per_batch]).sum(0),
-                ]
-            ).cpu()  # (3, n) float64
+            sums = [
+                torch.full_like(none, float(len(per_batch))),
+                sum((s.mean for s in per_batch), none),
+                sum((running.unbiased(s.m2 / s.count, s.count) for s in per_batch), none),
+            ]
+            local = torch.stack(sums).to(comm_device(group))  # (3, n) float64
             dist.all_reduce(local, op=dist.ReduceOp.SUM, group=group)
+            if local[0, 0] == 0:
+                return None
             mean, var = (local[1] / local[0]).to(device), (local[2] / local[0]).to(device)
         if not (all_finite(mean) and all_finite(var)):  # after the merge: every rank raises
             raise ValueError("the batches contain NaN or infinite values (non-finite layer statistics)")
@@ -122,6 +144,10 @@ def recompute_stats_distributed(
     estimator: str = "exact",
     upstream: str = "train",
     group=None,
+    *,
+    forward: Callable | None = None,
+    max_batches: int | None = None,
+    progress=False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``bnkit.recompute_stats`` for data split across the ranks of a process group.
 
@@ -131,17 +157,34 @@ def recompute_stats_distributed(
     batch means and variances for "algorithm2"), and every rank writes the same statistics:
     those ``recompute_stats`` gives on the union of all ranks' batches, up to round-off.
     upstream "eval" merges layer by layer, upstream first, so each layer sees upstream layers
-    that already use the merged statistics. Returns {layer name: (mean, var)} as written.
+    that already use the merged statistics. forward, max_batches (per rank) and progress are
+    ``recompute_stats``'s. Returns {layer name: (mean, var)} as written.
+
+    Any process group works: gloo (CPU tensors) or NCCL (the collectives run on the current
+    CUDA device, ``torch.cuda.set_device`` first). Launched with
+    ``torchrun --nproc-per-node=4 precise_bn.py``, where precise_bn.py holds::
+
+        import os, torch, torch.distributed as dist
+        from bnkit.distributed import recompute_stats_distributed
+
+        dist.init_process_group("nccl")  # "gloo" on CPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        model = build_model().cuda()  # the same weights on every rank
+        sampler = torch.utils.data.DistributedSampler(train_set, shuffle=False)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=256, sampler=sampler)
+        recompute_stats_distributed(model, loader)  # every rank writes the same statistics
+        dist.destroy_process_group()
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("recompute_stats_distributed needs torch.distributed initialised (see spawn)")
     if iter(batches) is batches:  # a one-shot iterator: keep the batches for more than one pass
         batches = list(batches)
-    has_batches = torch.tensor([1 if any(True for _ in batches) else 0])
+    has_batches = torch.tensor([1 if any(True for _ in batches) else 0], device=comm_device(group))
     dist.all_reduce(has_batches, op=dist.ReduceOp.MIN, group=group)  # every rank decides alike
     if int(has_batches) == 0:
         raise ValueError("every rank needs at least one batch for recompute_stats_distributed")
-    return population._recompute(model, batches, estimator, upstream, _estimate_across(group))
+    return population._recompute(model, batches, estimator, upstream, _estimate_across(group),
+                                 forward=forward, max_batches=max_batches, progress=progress)
 
 
 # ---------------------------------------------------------------- processes
