@@ -111,7 +111,7 @@ class SyncBatchNorm(_EstimatorBatchNorm):
         var = total.m2 / total.count  # (C,) biased: it normalises
         invstd = torch.rsqrt(var + self.eps)  # (C,) float64
         if self.track_running_stats:
-            self._update_running(total.mean, var, total.count)
+            self._update_running(total.mean, total.m2 / (total.count - 1))  # global unbiased var
         shape = (1, -1) + (1,) * (z.dim() - 2)
         return _SyncNorm.apply(
             z, self.weight, self.bias, total.mean.to(z.dtype).reshape(shape),
