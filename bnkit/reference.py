@@ -180,11 +180,36 @@ def forward_infer_affine(z: Array, scale: Array, shift: Array) -> Array:
     """The fast test-time path: one multiply-add per value with a precomputed scale and shift.
 
     z: (m, n) or (m, C, H, W); scale, shift: (n,) or (C,) from ``inference_affine``.
-    Equal to ``forward_infer`` up to round-off.
+    Equal to ``forward_infer`` up to round-off. A large NumPy batch goes through in chunks of
+    examples (``_affine_in_chunks``); small arrays and tensors take the plain two-line path.
     """
     _check_params(z, scale=scale, shift=shift)
+    if isinstance(z, np.ndarray) and z.nbytes > _PLAIN_UP_TO and z.flags.c_contiguous:
+        return _affine_in_chunks(z, scale, shift)
+    return _affine_plain(z, scale, shift)
+
+
+_CHUNK_BYTES = 1 << 18  # 256 KiB of output per chunk: it stays in the L2 cache until the add
+_PLAIN_UP_TO = 1 << 21  # up to 2 MiB the whole batch stays in cache anyway: the plain path
+
+
+def _affine_plain(z: Array, scale: Array, shift: Array) -> Array:
     z_tilde = z * _per_feature(scale, z.ndim)  # one pass writes the output ...
     z_tilde += _per_feature(shift, z.ndim)  # ... and one adds in place (NumPy has no fused multiply-add)
+    return z_tilde
+
+
+def _affine_in_chunks(z: np.ndarray, scale, shift, chunk_bytes: int = _CHUNK_BYTES) -> np.ndarray:
+    """_affine_plain one chunk of examples at a time: each chunk of the output is written by the
+    multiply and still in the L2 cache when the add reads it back, so the batch crosses the
+    memory (or last-level cache) bus once each way, as a copy does."""
+    z_tilde = np.empty(z.shape, np.result_type(z, scale, shift))  # the dtype z * scale + shift has
+    s, t = _per_feature(scale, z.ndim), _per_feature(shift, z.ndim)
+    rows = max(1, chunk_bytes // max(1, z_tilde[0].nbytes))  # examples per chunk
+    for i in range(0, len(z), rows):
+        chunk = z_tilde[i : i + rows]
+        np.multiply(z[i : i + rows], s, out=chunk)
+        chunk += t
     return z_tilde
 
 
