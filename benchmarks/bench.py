@@ -308,7 +308,8 @@ def recompute_figures(s: Settings) -> dict[str, float]:
                   "recompute_vs_forward": ("train", "forward"),  # in forward passes
                   "recompute_eval_vs_forward": ("eval", "forward"),
                   "update_bn_vs_forward": ("update_bn", "forward")}
-        out.update({_with_suffix(k, tag): v for k, v in report(comp, times, ratios).items()})
+        figures = {**report(comp, times, ratios), "recompute_batches": len(batches)}
+        out.update({_with_suffix(k, tag): v for k, v in figures.items()})
     return out
 
 
@@ -320,7 +321,8 @@ def sync_figures(s: Settings) -> dict[str, float]:
         if error.name != "bench_sync":
             raise
         return {}
-    return bench_sync.measure(rounds=s.rounds)
+    figures = bench_sync.measure(rounds=s.rounds)
+    return {k if k.startswith("sync") else "sync_" + k: v for k, v in figures.items()}
 
 
 # ---------------------------------------------------------------- the whole suite

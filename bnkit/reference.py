@@ -180,11 +180,12 @@ def forward_infer_affine(z: Array, scale: Array, shift: Array) -> Array:
     """The fast test-time path: one multiply-add per value with a precomputed scale and shift.
 
     z: (m, n) or (m, C, H, W); scale, shift: (n,) or (C,) from ``inference_affine``.
-    Equal to ``forward_infer`` up to round-off. A large NumPy batch goes through in chunks of
-    examples (``_affine_in_chunks``); small arrays and tensors take the plain two-line path.
+    Equal to ``forward_infer`` up to round-off. A large NumPy batch goes through in chunks
+    (``_affine_in_chunks``: the same values); small arrays and tensors take the plain path.
     """
     _check_params(z, scale=scale, shift=shift)
-    if isinstance(z, np.ndarray) and z.nbytes > _PLAIN_UP_TO and z.flags.c_contiguous:
+    if (isinstance(z, np.ndarray) and z.flags.c_contiguous and z.nbytes > _PLAIN_UP_TO
+            and z[0].nbytes <= _CHUNK_BYTES):
         return _affine_in_chunks(z, scale, shift)
     return _affine_plain(z, scale, shift)
 
@@ -200,16 +201,26 @@ def _affine_plain(z: Array, scale: Array, shift: Array) -> Array:
 
 
 def _affine_in_chunks(z: np.ndarray, scale, shift, chunk_bytes: int = _CHUNK_BYTES) -> np.ndarray:
-    """_affine_plain one chunk of examples at a time: each chunk of the output is written by the
-    multiply and still in the L2 cache when the add reads it back, so the batch crosses the
-    memory (or last-level cache) bus once each way, as a copy does."""
+    """_affine_plain on k examples at a time, k examples of about ``chunk_bytes``: each chunk of
+    the output is written by the multiply and still in the L2 cache when the add reads it back.
+
+    NumPy runs its inner loop along one row, and per-feature vectors broadcast against (m, n)
+    or (m, C, H, W) give it short rows (n values, or H*W), so each chunk is flattened into one
+    long row and the scale and shift are laid out once to match it (repeated H*W times per
+    channel, then k times). The same multiply and add of the same values as _affine_plain.
+    """
     z_tilde = np.empty(z.shape, np.result_type(z, scale, shift))  # the dtype z * scale + shift has
-    s, t = _per_feature(scale, z.ndim), _per_feature(shift, z.ndim)
-    rows = max(1, chunk_bytes // max(1, z_tilde[0].nbytes))  # examples per chunk
-    for i in range(0, len(z), rows):
-        chunk = z_tilde[i : i + rows]
-        np.multiply(z[i : i + rows], s, out=chunk)
-        chunk += t
+    m, per_feature = z.shape[0], z[0].size // z.shape[1]  # examples; values per feature per example
+    k = max(1, min(m, chunk_bytes // max(1, z_tilde[0].nbytes)))  # examples per chunk
+    s, t = (np.tile(np.repeat(v, per_feature), k) for v in (scale, shift))  # one chunk's layout
+    full = m - m % k  # examples in whole chunks
+    rows, out = z[:full].reshape(full // k, -1), z_tilde[:full].reshape(full // k, -1)
+    for row, out_row in zip(rows, out):  # (k * values per example,) each
+        np.multiply(row, s, out=out_row)
+        out_row += t
+    if full < m:  # the last m % k examples
+        np.multiply(z[full:], _per_feature(scale, z.ndim), out=z_tilde[full:])
+        z_tilde[full:] += _per_feature(shift, z.ndim)
     return z_tilde
 
 
