@@ -84,7 +84,7 @@ def compare(group: str, candidates: dict, s: Settings, sync=lambda: None) -> Com
 
 
 def put(out: dict, key: str, summary: tuple[float, float], n: int, unit: float = 1.0) -> None:
-    """out[key] = median, out[key + "_iqr"] = its interquartile range, out[key + "_kept"] = rounds."""
+    """out[key] = median, out[key + "_iqr"] = its interquartile range, key + "_kept" = rounds."""
     out[key], out[key + "_iqr"], out[key + "_kept"] = unit * summary[0], unit * summary[1], n
 
 
@@ -142,10 +142,12 @@ def numpy_figures(shape: tuple[int, ...], s: Settings, tag: str) -> dict[str, fl
         "cs231n": lambda: peers.cs231n_forward(z, gamma, beta),
         "d2l": (lambda: peers.d2l_batch_norm(zt, wd, bd, mm, mv), 1), **floor}, s)
     out.update(report(comp, names, {
-        "forward_train_vs_torch": ("ours", "torch2"), "forward_train_vs_torch_1t": ("ours", "torch1"),
+        "forward_train_vs_torch": ("ours", "torch2"),
+        "forward_train_vs_torch_1t": ("ours", "torch1"),
         "forward_train_vs_cs231n": ("ours", "cs231n"), "forward_train_vs_d2l": ("ours", "d2l")}))
     out.update(floor_ratios(comp, "forward_train", names))
-    out["forward_train_gbps"] = gb_per_s(3 * size, out["forward_train_ms"] / 1e3)  # z; z_tilde, z_norm
+    # reads z, writes z_tilde and z_norm
+    out["forward_train_gbps"] = gb_per_s(3 * size, out["forward_train_ms"] / 1e3)
     out["torch_forward_train_gbps"] = gb_per_s(2 * size, out["torch_forward_train_ms"] / 1e3)
 
     dz_tilde = rng.standard_normal(shape, dtype=np.float32)
@@ -184,7 +186,8 @@ def numpy_figures(shape: tuple[int, ...], s: Settings, tag: str) -> dict[str, fl
 
     names = {"ours": "forward_infer", "plain": "forward_infer_plain",
              "torch1": "torch1_forward_infer", "torch2": "torch_forward_infer",
-             "affine": "torch1_affine", "cs231n": "cs231n_forward_infer", "d2l": "d2l_forward_infer"}
+             "affine": "torch1_affine", "cs231n": "cs231n_forward_infer",
+             "d2l": "d2l_forward_infer"}
     comp = compare("forward_infer" + tag, {
         "ours": lambda: reference.forward_infer_affine(z, scale, shift),
         "plain": lambda: reference._affine_plain(z, scale, shift),
@@ -450,13 +453,14 @@ def markdown(results: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few rounds, short waits (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="few rounds, short waits (smoke run)")
     parser.add_argument("--suite-times", action="store_true",
                         help="also time nbval on each chapter and a book build")
     parser.add_argument("--max-wait", type=float, help="seconds one comparison may wait for quiet")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args(argv)
-    s = Settings(rounds=3, max_seconds=1.0, round_seconds=0.05, conv_batches=1) if args.quick else Settings()
+    quick = Settings(rounds=3, max_seconds=1.0, round_seconds=0.05, conv_batches=1)
+    s = quick if args.quick else Settings()
     if args.max_wait is not None:
         s.max_seconds = args.max_wait
     machine_path = args.out.with_name("machine.json")
@@ -468,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite_times:
         results.update(suite_times())
     else:  # keep the suite times of the last --suite-times run
-        results.update({k: v for k, v in previous.items() if k in SUITE_KEYS or k.startswith(SUITE_PREFIX)})
+        results.update({k: v for k, v in previous.items()
+                        if k in SUITE_KEYS or k.startswith(SUITE_PREFIX)})
     results = {k: v if isinstance(v, int) else round(float(v), 4) for k, v in results.items()}
     info = machine(load_start)
     info["unstable"] = unstable(previous, results, previous_machine, info)

@@ -259,15 +259,15 @@ def backward(dz_tilde: Array, cache: Cache) -> tuple[Array, Array, Array]:
     with dbeta = sum dz_tilde and dgamma = sum(dz_tilde z_norm) over the m values of each feature.
 
     Same arguments and results as ``backward_staged``, in fewer passes over the data: the two
-    sums, then one new array for dz and three updates of it in place.
+    sums, then one new array for dz (the two terms that are per-feature affine in z_norm, by
+    the test-time path's ``forward_infer_affine``) and two updates of it in place.
     """
     z_norm, var, gamma, eps = cache
     axes, nd = stat_axes(z_norm.ndim), z_norm.ndim
     m = values_per_feature(z_norm.shape)
     dbeta = dz_tilde.sum(axis=axes)  # (n,)
     dgamma = _sum_of_products(dz_tilde, z_norm)  # (n,): sum(dz_tilde * z_norm), no temporary array
-    dz = z_norm * _per_feature(-dgamma / m, nd)  # (m, n): - z_norm dgamma / m
+    dz = forward_infer_affine(z_norm, -dgamma / m, -dbeta / m)  # (m, n): -(dgamma z_norm + dbeta)/m
     dz += dz_tilde  # + dz_tilde
-    dz -= _per_feature(dbeta / m, nd)  # - dbeta / m
     dz *= _per_feature(gamma * (var + eps) ** -0.5, nd)  # all times gamma / sqrt(var + eps)
     return dz, dgamma, dbeta
