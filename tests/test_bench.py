@@ -80,5 +80,17 @@ def test_quick_run_writes_well_formed_results(tmp_path):
     assert rounds and all(r["kept"] <= r["measured"] >= r["quiet"] for r in rounds)
     assert machine["busy"] == sorted(g for g, r in machine["rounds"].items() if r["busy"])
     assert machine["unstable"] == "no earlier run on this machine to compare with"
-    assert bench.main(["--quick", "--out", str(out)]) == 0  # a second run compares with the first
-    assert isinstance(json.loads((tmp_path / "machine.json").read_text())["unstable"], dict)
+
+
+def test_ratios_that_moved_by_more_than_their_spread_are_unstable():
+    import bench
+
+    here = {"cpu": "x", "cpu_count": "2", "torch_cpu_capability": "AVX2", "numpy": "2", "torch": "2"}
+    old = {"a_vs_b": 2.0, "a_vs_b_iqr": 0.1, "c_vs_d": 1.0, "c_vs_d_iqr": 0.05, "e_ms": 1.0,
+           "e_ms_iqr": 0.01}
+    new = {"a_vs_b": 2.3, "a_vs_b_iqr": 0.2, "c_vs_d": 1.04, "c_vs_d_iqr": 0.01, "e_ms": 9.0,
+           "e_ms_iqr": 0.01}
+    moved = bench.unstable(old, new, here, here)
+    assert moved == {"a_vs_b": {"before": 2.0, "now": 2.3, "spread": 0.2}}  # times are not ratios
+    assert isinstance(bench.unstable(old, new, here, {**here, "cpu": "y"}), str)  # another machine
+    assert bench.unstable({}, new, {}, here) == "no earlier run on this machine to compare with"
