@@ -20,17 +20,20 @@ import harness  # noqa: E402
 pytestmark = pytest.mark.skipif(harness.other_cpu_seconds() is None, reason="needs /proc/stat")
 
 
-def _spin(seconds: float) -> None:
+def _spin(seconds: float, started) -> None:
+    started.set()
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
 
 
 def test_a_round_with_a_busy_child_process_is_not_quiet():
-    child = multiprocessing.get_context("spawn").Process(target=_spin, args=(30.0,))
+    ctx = multiprocessing.get_context("spawn")
+    started = ctx.Event()
+    child = ctx.Process(target=_spin, args=(30.0, started))
     child.start()
     try:
-        time.sleep(0.5)  # the child is running and spinning
+        assert started.wait(60)  # the child is running and spinning
         comp = harness.measure({"sleep": lambda: time.sleep(0.01)}, rounds=2, max_seconds=1.0,
                                round_seconds=0.2)
     finally:
