@@ -59,9 +59,13 @@ lab: $(STAMP)
 	test -d exercises || $(PY) tools/make_exercises.py
 	$(PY) -m jupyterlab $(if $(filter 0,$(shell id -u)),--allow-root) exercises/
 
-# bnkit vs PyTorch's kernels and a memory copy (CPU, and CUDA where present): prints a
-# Markdown table, writes benchmarks/results.json and machine.json. BENCH_ARGS=--suite-times
-# also times nbval on the book and a book build (a few minutes more).
+# bnkit vs PyTorch (one thread, and two in their own column), CS231n's and d2l's batch norm and
+# the floor (a copy, a read-only pass), in alternating rounds kept only while the rest of the
+# machine is quiet (below half a core; a busy machine makes it wait up to --max-wait seconds per
+# comparison, then it reports the quietest rounds and says so). Prints a Markdown table, writes
+# benchmarks/results.json (median, IQR and rounds kept per figure) and machine.json, and lists
+# the figures that moved by more than their spread since the stored run as unstable.
+# BENCH_ARGS=--suite-times also times nbval on each chapter and a book build (minutes more).
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

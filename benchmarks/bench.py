@@ -1,147 +1,207 @@
-"""bnkit against PyTorch's native kernels and the memory-bandwidth limit: `make bench`.
+"""bnkit against PyTorch, two peers and the memory floor, measured so a busy machine cannot
+move the figures much: `make bench`.
 
-Every figure is a ratio of two timings taken in the same run, so it holds on a noisy,
-shared machine: the two functions are timed in alternating rounds, each round keeps the
-fastest of a few calls (after warm-up), and the figure is the median over rounds of the
-per-round ratio. Prints a Markdown table and writes
+Method (benchmarks/harness.py): the functions compared are timed in alternating rounds; a round
+counts only when the rest of the machine used less than half a core during it (read from
+/proc/stat); every figure is the median over the kept rounds, with its interquartile range
+(key + "_iqr") and the number of rounds it comes from (key + "_kept"). Ratios are taken per round.
+Thread-matched: NumPy runs on one thread, so it is compared with PyTorch on one thread
+("torch1_" keys, "_vs_torch_1t" ratios); PyTorch's two-thread figure has its own keys
+("torch_" keys and "_vs_torch", as before). Peers (benchmarks/peers.py): CS231n's NumPy batch
+norm and d2l's tensor function. The floor, in the same rounds: a copy and a read-only pass (a
+sum) of the same array; "_vs_floor" is a time over the minimal passes its job needs (test time:
+one copy; training forward: two reads and a copy; backward: three reads and a copy).
 
-- benchmarks/results.json: a flat mapping figure name -> number. Main keys are for the
-  (8192, 512) float32 batch; "_conv" and "_small" suffixes for (64, 64, 32, 32) and
-  (256, 512). "cuda_" figures appear only where a GPU is. Keys from an earlier
-  ``--suite-times`` run (notebooks_seconds, book_build_seconds) are kept.
-- benchmarks/machine.json: where it was measured (CPU model, threads, versions, date).
+Writes
+- benchmarks/results.json: figure name -> number. Shape keys for (8192, 512) float32 carry no
+  suffix; "_conv" is (64, 64, 32, 32), "_small" (256, 512); "cuda_" figures only where a GPU is.
+  Suite times (--suite-times) are kept from the last run that measured them.
+- benchmarks/machine.json: CPU, threads, SIMD levels, load, rounds kept and measured per
+  comparison, busy comparisons, and the figures that disagree with the stored results by more
+  than their spread ("unstable").
 
-    python benchmarks/bench.py                 # the figures (about a minute)
-    python benchmarks/bench.py --quick         # fewer rounds: a smoke run
-    python benchmarks/bench.py --suite-times   # also time nbval on the book and a book build
+    python benchmarks/bench.py                 # the figures (a few minutes; longer when busy)
+    python benchmarks/bench.py --quick         # few rounds, short waits: a smoke run
+    python benchmarks/bench.py --suite-times   # also nbval per chapter and a book build
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
+import functools
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 import bnkit
 from bnkit import reference
 from bnkit.course.data import load_digits_split
 from bnkit.course.nets import mlp, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and peers, also when imported
+import peers  # noqa: E402
+from harness import QUIET_CORES, Comparison, measure  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-THREADS = 2
 SHAPES = {"": (8192, 512), "_conv": (64, 64, 32, 32), "_small": (256, 512)}  # key suffix -> shape
-TARGETS = {  # figure -> the most it may be (CPU; the same targets for the _conv/_small/cuda_ variants)
-    "forward_train_vs_torch": 2.5,
-    "backward_vs_torch": 2.5,
-    "forward_infer_vs_copy": 1.5,
-    "module_vs_torch": 1.1,
-    "folded_vs_eval_latency": 0.7,
-    "recompute_vs_forward": 1.5,
-    "forward_train_peak_memory_vs_input": 3.0,
-}
-SUITE_KEYS = ("notebooks_seconds", "book_build_seconds")
+TARGETS = json.loads((HERE / "targets.json").read_text())  # figure -> the most it may be
+SUITE_PREFIX = "nbval_seconds_"
+SUITE_KEYS = ("notebooks_seconds", "book_build_seconds", "max_chapter_seconds")
+# the minimal passes each job needs, as (read-only passes, copies) of an array the size of z
+FLOORS = {"forward_train": (2, 1), "backward": (3, 1)}  # test time: one copy (the _vs_copy keys)
 
 
-# ---------------------------------------------------------------- timing
+@dataclass
+class Settings:
+    rounds: int = 11  # rounds kept per comparison
+    max_seconds: float = 15.0  # the longest one comparison waits for quiet rounds
+    round_seconds: float = 0.25  # about how long one round of a comparison lasts
+    conv_batches: int = 4  # batches of (64, 16, 32, 32) for recompute_stats on the conv net
 
 
-def best_of(fn, calls: int, sync) -> float:
-    """The fastest of ``calls`` calls of fn(), in seconds."""
-    best = float("inf")
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+ROUNDS: dict[str, dict] = {}  # comparison -> rounds kept, quiet, measured (for machine.json)
 
 
-def ratio(fn, baseline, rounds: int, calls: int = 5, sync=lambda: None) -> tuple[float, float, float]:
-    """(t_fn / t_baseline, t_fn, t_baseline): medians over alternating rounds after warm-up.
+def compare(group: str, candidates: dict, s: Settings, sync=lambda: None) -> Comparison:
+    comp = measure(candidates, s.rounds, s.max_seconds, s.round_seconds, sync=sync)
+    ROUNDS[group] = {"kept": len(comp.kept), "quiet": comp.quiet, "measured": comp.measured,
+                     "busy": comp.busy}
+    return comp
 
-    Each round times both (the order swapped every round) and keeps the fastest of ``calls``
-    calls of each, so a noisy spell hits both sides of a ratio alike.
-    """
-    for _ in range(3):  # warm-up: caches, allocator, lazy initialisation
-        fn(), baseline()
-    sync()
-    ratios, t_fn, t_base = [], [], []
-    for r in range(rounds):
-        if r % 2:
-            b, a = best_of(baseline, calls, sync), best_of(fn, calls, sync)
-        else:
-            a, b = best_of(fn, calls, sync), best_of(baseline, calls, sync)
-        ratios.append(a / b)
-        t_fn.append(a)
-        t_base.append(b)
-    return statistics.median(ratios), statistics.median(t_fn), statistics.median(t_base)
+
+def put(out: dict, key: str, summary: tuple[float, float], n: int, unit: float = 1.0) -> None:
+    """out[key] = median, out[key + "_iqr"] = its interquartile range, key + "_kept" = rounds."""
+    out[key], out[key + "_iqr"], out[key + "_kept"] = unit * summary[0], unit * summary[1], n
+
+
+def report(comp: Comparison, times: dict[str, str], ratios: dict[str, tuple[str, str]],
+           unit: tuple[str, float] = ("_ms", 1e3)) -> dict[str, float]:
+    """Times (candidate -> key, stored as key + unit suffix) and ratios (key -> (a, b))."""
+    out: dict[str, float] = {}
+    n = len(comp.kept)
+    for name, key in times.items():
+        put(out, key + unit[0], comp.time(name), n, unit[1])
+    for key, (a, b) in ratios.items():
+        put(out, key, comp.ratio(a, b), n)
+    return out
+
+
+def floor_ratios(comp: Comparison, job: str, times: dict[str, str]) -> dict[str, float]:
+    """key + "_vs_floor": each candidate's time over the minimal passes of ``job``, per round."""
+    reads, copies = FLOORS[job]
+    out: dict[str, float] = {}
+    for name, key in times.items():
+        floor = comp.summary(lambda t: t[name] / (reads * t["read"] + copies * t["copy"]))
+        put(out, key + "_vs_floor", floor, len(comp.kept))
+    return out
 
 
 def gb_per_s(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
-# ---------------------------------------------------------------- the NumPy reference
+# ---------------------------------------------------------------- the NumPy reference and peers
 
 
-def numpy_figures(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
-    """forward_train and backward vs PyTorch's kernels, the affine test-time path vs a copy,
-    peak memory; and the effective bandwidth of each (bytes that must be read and written / time)."""
+def numpy_figures(shape: tuple[int, ...], s: Settings, tag: str) -> dict[str, float]:
+    """forward_train, backward and the test-time path against PyTorch (one and two threads),
+    CS231n, d2l, a copy and a read-only pass of the same array; peak memory."""
     rng = np.random.default_rng(0)
     z = rng.standard_normal(shape, dtype=np.float32) * 3 + 1
-    c = shape[1]
+    c, nd = shape[1], len(shape)
     gamma, beta = rng.standard_normal(c, dtype=np.float32), rng.standard_normal(c, dtype=np.float32)
     zt, wt, bt = torch.from_numpy(z), torch.from_numpy(gamma), torch.from_numpy(beta)
+    vec = (1, -1) + (1,) * (nd - 2)  # d2l's parameter shape: (1, n) or (1, C, 1, 1)
+    wd, bd = wt.reshape(vec), bt.reshape(vec)
+    mm, mv = torch.zeros_like(wd), torch.ones_like(wd)
+    floor = {"copy": z.copy, "read": z.sum}
     size = z.nbytes
     out: dict[str, float] = {}
 
-    r, ours, theirs = ratio(
-        lambda: reference.forward_train(z, gamma, beta),
-        lambda: F.batch_norm(zt, None, None, wt, bt, training=True),
-        rounds,
-    )
-    out["forward_train_vs_torch"] = r
-    out["forward_train_ms"], out["torch_forward_train_ms"] = 1e3 * ours, 1e3 * theirs
-    out["forward_train_gbps"] = gb_per_s(3 * size, ours)  # reads z, writes z_tilde and z_norm
-    out["torch_forward_train_gbps"] = gb_per_s(2 * size, theirs)  # reads z, writes the output
+    names = {"ours": "forward_train", "torch1": "torch1_forward_train",
+             "torch2": "torch_forward_train", "cs231n": "cs231n_forward_train",
+             "d2l": "d2l_forward_train"}
+    torch_fwd = lambda: F.batch_norm(zt, None, None, wt, bt, training=True)  # noqa: E731
+    comp = compare("forward_train" + tag, {
+        "ours": lambda: reference.forward_train(z, gamma, beta),
+        "torch1": (torch_fwd, 1), "torch2": (torch_fwd, 2),
+        "cs231n": lambda: peers.cs231n_forward(z, gamma, beta),
+        "d2l": (lambda: peers.d2l_batch_norm(zt, wd, bd, mm, mv), 1), **floor}, s)
+    out.update(report(comp, names, {
+        "forward_train_vs_torch": ("ours", "torch2"),
+        "forward_train_vs_torch_1t": ("ours", "torch1"),
+        "forward_train_vs_cs231n": ("ours", "cs231n"), "forward_train_vs_d2l": ("ours", "d2l")}))
+    out.update(floor_ratios(comp, "forward_train", names))
+    # reads z, writes z_tilde and z_norm
+    out["forward_train_gbps"] = gb_per_s(3 * size, out["forward_train_ms"] / 1e3)
+    out["torch_forward_train_gbps"] = gb_per_s(2 * size, out["torch_forward_train_ms"] / 1e3)
 
     dz_tilde = rng.standard_normal(shape, dtype=np.float32)
+    dy = torch.from_numpy(dz_tilde)
     _, cache = reference.forward_train(z, gamma, beta)
+    _, cs_cache = peers.cs231n_forward(z, gamma, beta)
     zg, wg, bg = (t.clone().requires_grad_() for t in (zt, wt, bt))
     y = F.batch_norm(zg, None, None, wg, bg, training=True)
-    dy = torch.from_numpy(dz_tilde)
-    r, ours, theirs = ratio(
-        lambda: reference.backward(dz_tilde, cache),
-        lambda: torch.autograd.grad(y, (zg, wg, bg), dy, retain_graph=True),
-        rounds,
-    )
-    out["backward_vs_torch"] = r
-    out["backward_ms"], out["torch_backward_ms"] = 1e3 * ours, 1e3 * theirs
-    out["backward_gbps"] = gb_per_s(3 * size, ours)  # reads dz_tilde and z_norm, writes dz
-    out["torch_backward_gbps"] = gb_per_s(3 * size, theirs)  # reads dz_tilde and z, writes dz
+    wdg, bdg = wd.clone().requires_grad_(), bd.clone().requires_grad_()
+    yd = peers.d2l_batch_norm(zg, wdg, bdg, mm, mv)[0]
+    torch_bwd = lambda: torch.autograd.grad(y, (zg, wg, bg), dy, retain_graph=True)  # noqa: E731
+    names = {k: v.replace("forward_train", "backward") for k, v in names.items()}
+    comp = compare("backward" + tag, {
+        "ours": lambda: reference.backward(dz_tilde, cache),
+        "torch1": (torch_bwd, 1), "torch2": (torch_bwd, 2),
+        "cs231n": lambda: peers.cs231n_backward_alt(dz_tilde, cs_cache),
+        "d2l": (lambda: torch.autograd.grad(yd, (zg, wdg, bdg), dy, retain_graph=True), 1),
+        **floor}, s)
+    out.update(report(comp, names, {
+        "backward_vs_torch": ("ours", "torch2"), "backward_vs_torch_1t": ("ours", "torch1"),
+        "backward_vs_cs231n": ("ours", "cs231n"), "backward_vs_d2l": ("ours", "d2l")}))
+    out.update(floor_ratios(comp, "backward", names))
+    out["backward_gbps"] = gb_per_s(3 * size, out["backward_ms"] / 1e3)  # dz_tilde, z_norm; dz
+    out["torch_backward_gbps"] = gb_per_s(3 * size, out["torch_backward_ms"] / 1e3)
 
-    axes = reference.stat_axes(z.ndim)
-    scale, shift = reference.inference_affine(gamma, beta, z.mean(axis=axes), z.var(axis=axes))
-    r, ours, copy_s = ratio(lambda: reference.forward_infer_affine(z, scale, shift), z.copy, rounds)
-    out["forward_infer_vs_copy"] = r
-    out["forward_infer_ms"], out["copy_ms"] = 1e3 * ours, 1e3 * copy_s
-    out["forward_infer_gbps"] = gb_per_s(2 * size, ours)  # reads z, writes z_tilde
-    out["copy_gbps"] = gb_per_s(2 * size, copy_s)  # reads z, writes the copy: the practical limit
+    axes = reference.stat_axes(nd)
+    mean, var = z.mean(axis=axes), z.var(axis=axes)
+    scale, shift = reference.inference_affine(gamma, beta, mean, var)
+    st, tt = torch.from_numpy(scale).reshape(vec), torch.from_numpy(shift).reshape(vec)
+    rm, rv = torch.from_numpy(mean), torch.from_numpy(var)
+    torch_inf = lambda: F.batch_norm(zt, rm, rv, wt, bt, training=False)  # noqa: E731
+
+    def d2l_infer():
+        with torch.no_grad():
+            return peers.d2l_batch_norm(zt, wd, bd, rm.reshape(vec), rv.reshape(vec))
+
+    names = {"ours": "forward_infer", "plain": "forward_infer_plain",
+             "torch1": "torch1_forward_infer", "torch2": "torch_forward_infer",
+             "affine": "torch1_affine", "cs231n": "cs231n_forward_infer",
+             "d2l": "d2l_forward_infer"}
+    comp = compare("forward_infer" + tag, {
+        "ours": lambda: reference.forward_infer_affine(z, scale, shift),
+        "plain": lambda: reference._affine_plain(z, scale, shift),
+        "torch1": (torch_inf, 1), "torch2": (torch_inf, 2),
+        "affine": (lambda: zt * st + tt, 1),  # eager PyTorch: a multiply kernel, then an add
+        "cs231n": lambda: peers.cs231n_infer(z, gamma, beta, mean, var),
+        "d2l": (d2l_infer, 1), **floor}, s)
+    out.update(report(comp, {**names, "copy": "copy", "read": "read"},
+                      {v + "_vs_copy": (k, "copy") for k, v in names.items()}))
+    put(out, "forward_infer_vs_torch_1t", comp.ratio("ours", "torch1"), len(comp.kept))
+    out["forward_infer_gbps"] = gb_per_s(2 * size, out["forward_infer_ms"] / 1e3)  # z; z_tilde
+    out["copy_gbps"] = gb_per_s(2 * size, out["copy_ms"] / 1e3)  # z; its copy
+    out["read_gbps"] = gb_per_s(size, out["read_ms"] / 1e3)
 
     tracemalloc.start()  # NumPy reports its array buffers to tracemalloc
     reference.forward_train(z, gamma, beta)
@@ -154,83 +214,146 @@ def numpy_figures(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
 # ---------------------------------------------------------------- the PyTorch path
 
 
-def module_figures(device: str, rounds: int) -> dict[str, float]:
-    """bnkit's BatchNorm2d forward+backward vs torch.nn.BatchNorm2d, (64, 64, 32, 32) float32."""
+def module_figures(device: str, s: Settings) -> dict[str, float]:
+    """bnkit's BatchNorm2d/1d forward+backward vs torch.nn's, one thread on CPU."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(SHAPES["_conv"], generator=gen).to(device).requires_grad_()
-    dy = torch.randn(SHAPES["_conv"], generator=gen).to(device)
-    ours, theirs = bnkit.BatchNorm2d(64).to(device), nn.BatchNorm2d(64).to(device)
+    threads = 1 if device == "cpu" else None
+    out: dict[str, float] = {}
+    for prefix, shape, ours, theirs in (
+        ("module", SHAPES["_conv"], bnkit.BatchNorm2d(64), nn.BatchNorm2d(64)),
+        ("module1d", SHAPES[""], bnkit.BatchNorm1d(512), nn.BatchNorm1d(512)),
+    ):
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn(shape, generator=gen).to(device).requires_grad_()
+        dy = torch.randn(shape, generator=gen).to(device)
 
-    def step(module):
-        return lambda: torch.autograd.grad(module(z), (z, module.weight, module.bias), dy)
+        def step(module):
+            m = module.to(device)
+            return lambda: torch.autograd.grad(m(z), (z, m.weight, m.bias), dy), threads
 
-    r, t_ours, t_theirs = ratio(step(ours), step(theirs), rounds, sync=sync)
-    return {"module_vs_torch": r, "module_ms": 1e3 * t_ours, "torch_module_ms": 1e3 * t_theirs}
+        comp = compare(prefix + "_" + device, {"ours": step(ours), "torch": step(theirs)}, s, sync)
+        out.update(report(comp, {"ours": prefix, "torch": "torch_" + prefix},
+                          {prefix + "_vs_torch": ("ours", "torch")}))
+    return out
 
 
-def cuda_reference_figures(rounds: int) -> dict[str, float]:
-    """The reference functions on CUDA tensors vs PyTorch's kernels (8192, 512)."""
-    sync = torch.cuda.synchronize
+def cuda_reference_figures(s: Settings) -> dict[str, float]:
+    """The reference functions on CUDA tensors vs PyTorch's kernels and a copy, (8192, 512)."""
     gen = torch.Generator().manual_seed(0)
     z = (torch.randn(SHAPES[""], generator=gen) * 3 + 1).cuda()
     gamma, beta = torch.randn(512, generator=gen).cuda(), torch.randn(512, generator=gen).cuda()
-    out = {}
-    out["forward_train_vs_torch"] = ratio(
-        lambda: reference.forward_train(z, gamma, beta),
-        lambda: F.batch_norm(z, None, None, gamma, beta, training=True),
-        rounds, sync=sync,
-    )[0]
     scale, shift = reference.inference_affine(gamma, beta, z.mean(0), z.var(0, correction=0))
-    out["forward_infer_vs_copy"] = ratio(
-        lambda: reference.forward_infer_affine(z, scale, shift), z.clone, rounds, sync=sync
-    )[0]
-    return out
+    comp = compare("cuda_reference", {
+        "ours": lambda: reference.forward_train(z, gamma, beta),
+        "torch": lambda: F.batch_norm(z, None, None, gamma, beta, training=True),
+        "infer": lambda: reference.forward_infer_affine(z, scale, shift), "copy": z.clone,
+    }, s, torch.cuda.synchronize)
+    return report(comp, {}, {"forward_train_vs_torch": ("ours", "torch"),
+                             "forward_infer_vs_copy": ("infer", "copy")})
 
 
-def model_figures(rounds: int) -> dict[str, float]:
-    """Folded vs eval() latency on one example; recompute_stats vs one forward pass, the digits."""
+def conv_net(channels: int = 16, layers: int = 4, seed: int = 0) -> nn.Sequential:
+    """(Conv3x3 -> BatchNorm2d -> ReLU) x layers on (m, channels, H, W), in eval mode."""
+    torch.manual_seed(seed)
+    blocks = [(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+               nn.ReLU()) for _ in range(layers)]
+    return nn.Sequential(*[m for block in blocks for m in block]).eval()
+
+
+@functools.cache
+def digits_model() -> tuple[nn.Module, np.ndarray, np.ndarray]:
+    """The digits MLP (two hidden layers of 256 with BatchNorm1d) after 2 epochs, in eval mode,
+    with the training and test inputs."""
     X_train, X_test, y_train, _ = load_digits_split()
     model = mlp(hidden=(256, 256), seed=0)
     train(model, X_train, y_train, epochs=2, seed=0)
-    model.eval()
-    folded = bnkit.fold_bn(model)
-    x1 = torch.as_tensor(X_test[:1])  # (1, 64): one example
+    return model.eval(), X_train, X_test
+
+
+def folding_figures(s: Settings) -> dict[str, float]:
+    """Folded vs eval() latency: the digits MLP (one example), the conv net (1 and 32)."""
+    model, _, X_test = digits_model()
+    net = conv_net()
+    x32 = torch.randn(32, 16, 32, 32, generator=torch.Generator().manual_seed(1))
+    cases = (("folded", "_latency", model, torch.as_tensor(X_test[:1]), ("_us", 1e6)),
+             ("folded_conv", "_latency", net, x32[:1], ("_us", 1e6)),
+             ("folded_conv", "_b32", net, x32, ("_ms", 1e3)))
+    out: dict[str, float] = {}
     with torch.no_grad():
-        r, t_folded, t_eval = ratio(lambda: folded(x1), lambda: model(x1), rounds, calls=50)
-    out = {"folded_vs_eval_latency": r, "folded_latency_us": 1e6 * t_folded, "eval_latency_us": 1e6 * t_eval}
-
-    batches = list(torch.split(torch.as_tensor(X_train), 64))  # the training set, batches of 64
-    work = copy.deepcopy(model)
-
-    def one_pass():
-        with torch.no_grad():
-            for b in batches:
-                model(b)
-
-    r, t_re, t_fwd = ratio(lambda: bnkit.recompute_stats(work, batches), one_pass, rounds, calls=3)
-    out.update(recompute_vs_forward=r, recompute_ms=1e3 * t_re, forward_pass_ms=1e3 * t_fwd)
+        for name, suffix, m, x, unit in cases:
+            folded = bnkit.fold_bn(m)
+            comp = compare(name + suffix, {"folded": (lambda: folded(x), 1),
+                                           "eval": (lambda: m(x), 1)}, s)
+            times = {"folded": name + suffix, "eval": name.replace("folded", "eval") + suffix}
+            out.update(report(comp, times, {name + "_vs_eval" + suffix: ("folded", "eval")}, unit))
     return out
+
+
+def recompute_figures(s: Settings) -> dict[str, float]:
+    """recompute_stats ("train", "eval") against torch.optim.swa_utils.update_bn and one
+    forward pass over the same batches: the digits MLP (batches of 64) and the conv net."""
+    model, X_train, _ = digits_model()
+    gen = torch.Generator().manual_seed(2)
+    cases = (("", model.eval(), list(torch.split(torch.as_tensor(X_train), 64))),
+             ("_conv", conv_net(), [torch.randn(64, 16, 32, 32, generator=gen)
+                                    for _ in range(s.conv_batches)]))
+    out: dict[str, float] = {}
+    for tag, net, batches in cases:
+        work = {k: copy.deepcopy(net) for k in ("train", "eval", "update_bn")}
+
+        def one_pass(net=net, batches=batches):
+            with torch.no_grad():
+                for b in batches:
+                    net(b)
+
+        comp = compare("recompute" + tag, {
+            "train": (lambda: bnkit.recompute_stats(work["train"], batches), 1),
+            "eval": (lambda: bnkit.recompute_stats(work["eval"], batches, upstream="eval"), 1),
+            "update_bn": (lambda: update_bn(batches, work["update_bn"]), 1),
+            "forward": (one_pass, 1)}, s)
+        times = {"train": "recompute", "eval": "recompute_eval", "update_bn": "update_bn",
+                 "forward": "forward_pass"}
+        ratios = {"recompute_vs_update_bn": ("train", "update_bn"),
+                  "recompute_vs_forward": ("train", "forward"),  # in forward passes
+                  "recompute_eval_vs_forward": ("eval", "forward"),
+                  "update_bn_vs_forward": ("update_bn", "forward")}
+        figures = {**report(comp, times, ratios), "recompute_batches": len(batches)}
+        out.update({_with_suffix(k, tag): v for k, v in figures.items()})
+    return out
+
+
+def sync_figures(s: Settings) -> dict[str, float]:
+    """bnkit.SyncBatchNorm with gloo, from benchmarks/bench_sync.py where that file exists."""
+    try:
+        import bench_sync
+    except ModuleNotFoundError as error:
+        if error.name != "bench_sync":
+            raise
+        return {}
+    figures = bench_sync.measure(rounds=s.rounds)
+    return {k if k.startswith("sync") else "sync_" + k: v for k, v in figures.items()}
 
 
 # ---------------------------------------------------------------- the whole suite
 
 
 def suite_times() -> dict[str, float]:
-    """Seconds for nbval on every notebook in _toc.yml, and for a book build into a temp dir.
+    """Seconds for nbval on each notebook in _toc.yml (one pytest run each), and a book build.
 
     nbval runs in lax mode here: this times the run; whether the stored outputs are current
     is `make test`'s job (this page's own outputs change with every new results.json).
     """
     py = sys.executable
-    notebooks = subprocess.run([py, "tools/notebooks.py"], cwd=REPO, check=True, capture_output=True, text=True)
-    start = time.perf_counter()
-    subprocess.run(
-        [py, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--nbval-lax", "--nbval-current-env",
-         *notebooks.stdout.split()],
-        cwd=REPO, check=True,
-    )
-    nb_seconds = time.perf_counter() - start
+    listed = subprocess.run([py, "tools/notebooks.py"], cwd=REPO, check=True, capture_output=True,
+                            text=True).stdout.split()
+    out: dict[str, float] = {}
+    for notebook in listed:
+        start = time.perf_counter()
+        subprocess.run([py, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--nbval-lax",
+                        "--nbval-current-env", notebook], cwd=REPO, stdout=subprocess.DEVNULL)
+        out[SUITE_PREFIX + Path(notebook).stem] = time.perf_counter() - start
+    out["notebooks_seconds"] = sum(out.values())
+    out["max_chapter_seconds"] = max(v for k, v in out.items() if k.startswith(SUITE_PREFIX))
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         subprocess.run(
@@ -238,29 +361,37 @@ def suite_times() -> dict[str, float]:
              "build", "-W", "-n", "--keep-going", "--builder", "html", "--path-output", tmp, "."],
             cwd=REPO, check=True, stdout=subprocess.DEVNULL,
         )
-        build_seconds = time.perf_counter() - start
-    return {"notebooks_seconds": nb_seconds, "book_build_seconds": build_seconds}
+        out["book_build_seconds"] = time.perf_counter() - start
+    return out
 
 
 # ---------------------------------------------------------------- report
 
 
-def run(quick: bool = False) -> dict[str, float]:
-    torch.set_num_threads(THREADS)
-    rounds = 5 if quick else 11
+def run(s: Settings) -> dict[str, float]:
     results: dict[str, float] = {}
     for suffix, shape in SHAPES.items():
-        for key, value in numpy_figures(shape, rounds).items():
-            results[key + suffix] = value
-    results.update(module_figures("cpu", rounds))
-    results.update(model_figures(rounds))
+        for key, value in numpy_figures(shape, s, suffix).items():
+            results[_with_suffix(key, suffix)] = value
+    results.update(module_figures("cpu", s))
+    results.update(folding_figures(s))
+    results.update(recompute_figures(s))
+    results.update(sync_figures(s))
     if torch.cuda.is_available():
-        cuda = {**module_figures("cuda", rounds), **cuda_reference_figures(rounds)}
+        cuda = {**module_figures("cuda", s), **cuda_reference_figures(s)}
         results.update({"cuda_" + key: value for key, value in cuda.items()})
     return results
 
 
-def machine() -> dict[str, str]:
+def _with_suffix(key: str, suffix: str) -> str:
+    """forward_train_ms + _conv -> forward_train_ms_conv, and its _iqr/_kept after the shape."""
+    for stat in ("_iqr", "_kept"):
+        if key.endswith(stat):
+            return key.removesuffix(stat) + suffix + stat
+    return key + suffix
+
+
+def machine(load_start: float) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -274,52 +405,94 @@ def machine() -> dict[str, str]:
         llc = f"{int(llc[:-1]) // 1024} MiB" if llc.endswith("K") else llc
     except OSError:
         llc = "unknown"
+    simd = getattr(np, "__config__").CONFIG.get("SIMD Extensions", {}).get("found", [])
+    busy = sorted(group for group, r in ROUNDS.items() if r["busy"])
     info = {
         "cpu": cpu,
         "last_level_cache": llc,
         "cpu_count": str(os.cpu_count()),
-        "torch_threads": str(THREADS),
         "numpy_threads": "1 (NumPy's element-wise operations and reductions are single-threaded)",
+        "torch_threads": "1 for every comparison with NumPy and between PyTorch functions; "
+                         "2 in the torch_ columns (PyTorch's default here)",
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch": torch.__version__,
+        "numpy_simd": " ".join(simd) or "unknown",
         # the SIMD level of PyTorch's CPU kernels (AVX2 or AVX512): it moves every torch figure
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "date": datetime.date.today().isoformat(),
-        # how busy the machine was (other jobs slow both sides of a ratio alike)
-        "load_average_1min": f"{os.getloadavg()[0]:.2f} at the end of the run",
+        "load_average_1min": f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end",
+        "quiet_round": f"other processes used less than {QUIET_CORES} cores during the round",
+        "rounds": ROUNDS,
+        "busy": busy,  # comparisons whose figures include rounds that were not quiet
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
+def unstable(old: dict, new: dict, old_machine: dict, new_machine: dict) -> dict | str:
+    """Ratios that moved between two runs by more than the larger of their two IQRs."""
+    same = ("cpu", "cpu_count", "torch_cpu_capability", "numpy", "torch")
+    if not old or any(old_machine.get(k) != new_machine.get(k) for k in same):
+        return "no earlier run on this machine to compare with"
+    moved = {}
+    for key, value in new.items():
+        if "_vs_" in key and not key.endswith(("_iqr", "_kept")) and key + "_iqr" in old:
+            spread = max(new[key + "_iqr"], old[key + "_iqr"])
+            if abs(value - old[key]) > spread:
+                moved[key] = {"before": old[key], "now": value, "spread": round(spread, 4)}
+    return moved
+
+
 def markdown(results: dict[str, float]) -> str:
-    lines = ["| figure | value | target |", "|---|---|---|"]
+    lines = ["| figure | median | IQR | rounds | target |", "|---|---|---|---|---|"]
     for key, value in results.items():
-        base = key.removeprefix("cuda_").removesuffix("_conv").removesuffix("_small")
-        target = f"≤ {TARGETS[base]}" if base in TARGETS else ""
-        lines.append(f"| {key} | {value:.3g} | {target} |")
+        if key.endswith(("_iqr", "_kept")):
+            continue
+        target = f"≤ {TARGETS[key]}" if key in TARGETS else ""
+        iqr, kept = results.get(key + "_iqr", ""), results.get(key + "_kept", "")
+        iqr = f"{iqr:.3g}" if iqr != "" else ""
+        lines.append(f"| {key} | {value:.3g} | {iqr} | {kept} | {target} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    parser.add_argument("--suite-times", action="store_true", help="also time nbval on the book and a book build")
+    parser.add_argument("--quick", action="store_true", help="few rounds, short waits (smoke run)")
+    parser.add_argument("--suite-times", action="store_true",
+                        help="also time nbval on each chapter and a book build")
+    parser.add_argument("--max-wait", type=float, help="seconds one comparison may wait for quiet")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args(argv)
+    quick = Settings(rounds=3, max_seconds=1.0, round_seconds=0.05, conv_batches=1)
+    s = quick if args.quick else Settings()
+    if args.max_wait is not None:
+        s.max_seconds = args.max_wait
+    machine_path = args.out.with_name("machine.json")
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results = run(args.quick)
+    previous_machine = json.loads(machine_path.read_text()) if machine_path.exists() else {}
+    load_start = os.getloadavg()[0]
+    ROUNDS.clear()
+    results = run(s)
     if args.suite_times:
         results.update(suite_times())
     else:  # keep the suite times of the last --suite-times run
-        results.update({k: previous[k] for k in SUITE_KEYS if k in previous})
-    results = {key: round(float(value), 4) for key, value in results.items()}
+        results.update({k: v for k, v in previous.items()
+                        if k in SUITE_KEYS or k.startswith(SUITE_PREFIX)})
+    results = {k: v if isinstance(v, int) else round(float(v), 4) for k, v in results.items()}
+    info = machine(load_start)
+    info["unstable"] = unstable(previous, results, previous_machine, info)
     print(markdown(results))
+    if info["busy"]:
+        print(f"\nthe machine was busy: {len(info['busy'])} comparison(s) kept rounds that were "
+              f"not quiet: {', '.join(info['busy'])}")
+    if isinstance(info["unstable"], dict) and info["unstable"]:
+        print(f"\nunstable (moved by more than their spread since the stored run): "
+              f"{', '.join(info['unstable'])}")
     args.out.write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_name("machine.json").write_text(json.dumps(machine(), indent=1) + "\n")
-    print(f"\nwrote {args.out} and {args.out.with_name('machine.json')}")
+    machine_path.write_text(json.dumps(info, indent=1) + "\n")
+    print(f"\nwrote {args.out} and {machine_path}")
     return 0
 
 

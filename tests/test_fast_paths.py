@@ -143,3 +143,30 @@ def test_forward_train_does_not_modify_its_input():
     before = z.copy()
     ref.forward_train(z, gamma, beta)
     np.testing.assert_array_equal(z, before)
+
+
+@pytest.mark.parametrize("dtypes", [(np.float32,) * 2, (np.float64,) * 2, (np.float32, np.float64)])
+@pytest.mark.parametrize("shape", [(37, 5), (7, 3, 4, 5), (300, 64), (96, 64), (256, 16)])  # rows joined
+@pytest.mark.parametrize("chunk_bytes", [1, 100, 200, 1000, 10**9])  # one example a chunk ... one chunk
+def test_the_chunked_affine_path_equals_the_plain_one(shape, dtypes, chunk_bytes):
+    z_dtype, vec_dtype = dtypes  # float32 z with float64 scale: the result's dtype as z * scale
+    z, scale, shift = _problem(shape, np.float64, seed=3)
+    z, scale, shift = z.astype(z_dtype), scale.astype(vec_dtype), shift.astype(vec_dtype)
+    plain = ref._affine_plain(z, scale, shift)
+    chunked = ref._affine_in_chunks(z, scale, shift, chunk_bytes=chunk_bytes)
+    assert chunked.dtype == plain.dtype and chunked.shape == plain.shape
+    np.testing.assert_array_equal(chunked, plain)  # the same operations on every value
+
+
+@pytest.mark.parametrize("shape", [(8192, 512), (64, 64, 32, 32), (256, 512), (4, 3), (2, 8, 128, 128)])
+def test_forward_infer_affine_takes_the_chunked_path_only_for_large_numpy_batches(shape, monkeypatch):
+    z, scale, shift = _problem(shape, np.float32, seed=4)
+    calls = []
+    chunked = ref._affine_in_chunks
+    monkeypatch.setattr(ref, "_affine_in_chunks", lambda *a: calls.append(1) or chunked(*a))
+    out = ref.forward_infer_affine(z, scale, shift)
+    assert bool(calls) == (z.nbytes > ref._PLAIN_UP_TO and z[0].nbytes <= ref._CHUNK_BYTES)
+    np.testing.assert_array_equal(out, ref._affine_plain(z, scale, shift))
+    np.testing.assert_array_equal(  # tensors and non-contiguous arrays: the plain path
+        ref.forward_infer_affine(torch.from_numpy(z), torch.from_numpy(scale), torch.from_numpy(shift)).numpy(), out
+    )
