@@ -1,9 +1,5 @@
-"""The exercise checkers of chapter 9 (across devices and processes) are honest.
-
-For every exercise: the solution written in the notebook passes its checker; the stub that
-`make exercises` puts in its place fails with "not implemented"; typical wrong answers fail
-with the message that names the mistake.
-"""
+"""Chapter 9 (more than one device): typical wrong answers and right answers written
+otherwise (tests/test_exercises.py runs them), and tests of those checkers."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,71 +9,6 @@ import torch
 from bnkit.checks import ch09_distributed
 from bnkit.checks._core import ExerciseError
 from bnkit.running import BatchStats
-
-pytest.register_assert_rewrite("exercise_support")
-from exercise_support import (  # noqa: E402
-    REPO,
-    assert_exercise_layout,
-    assert_one_success_line,
-    assert_stub_fails,
-    assert_two_diagnoses_each,
-    diagnosis,
-    exercise_namespace,
-    exercise_prompts,
-    learner_copy_text,
-    read_notebook,
-    stub,
-)
-
-CHAPTER = REPO / "chapters" / "09_distributed.ipynb"
-
-# every function a learner writes in the chapter, and its checker, in the order of the exercises
-CHECKERS = {
-    "my_merge": ch09_distributed.merge,
-    "my_combine_variances": ch09_distributed.combine_variances,
-}
-
-
-def _notebook():
-    return read_notebook(CHAPTER)
-
-
-@pytest.fixture(scope="module")
-def solutions() -> dict:
-    return exercise_namespace(_notebook(), label="09_distributed")
-
-
-@pytest.fixture(scope="module")
-def stubs() -> dict:
-    return exercise_namespace(_notebook(), stub("Exercise 9.1: "), label="09_distributed")
-
-
-# ---------------------------------------------------------------- solutions, stubs, structure
-
-
-@pytest.mark.parametrize("name", CHECKERS)
-def test_solution_in_the_notebook_passes(name, solutions, capsys):
-    assert CHECKERS[name](solutions[name]) is None
-    assert_one_success_line(capsys.readouterr().out)
-
-
-@pytest.mark.parametrize("name", CHECKERS)
-def test_stub_fails_with_not_implemented(name, stubs):
-    assert_stub_fails(CHECKERS[name], stubs[name], name)  # names the function to fill in
-
-
-def test_every_exercise_has_a_checker_a_check_cell_and_a_hidden_solution():
-    nb = _notebook()
-    exercises = exercise_prompts(nb)
-    assert len(exercises) == len(CHECKERS) >= 2
-    for i, name in zip(exercises, CHECKERS):
-        assert_exercise_layout(nb, i, "check", name)
-
-
-def test_learner_copy_has_no_solutions():
-    text = learner_copy_text(_notebook(), "9")
-    assert text.count("raise NotImplementedError") == len(CHECKERS)
-
 
 # ---------------------------------------------------------------- typical wrong answers, exercise 1
 
@@ -173,7 +104,7 @@ WRONG = [
     (ch09_distributed.merge, merge_between_not_divided, "you did not divide by n = n_a + n_b"),
     (ch09_distributed.merge, merge_returns_variance, "you returned the variance M2 / n"),
     (ch09_distributed.merge, merge_swapped_weights, "the weights are swapped"),
-    (ch09_distributed.merge, merge_raw_sums, "values near 1e6: wrong values"),
+    (ch09_distributed.merge, merge_raw_sums, "raw sums of squares"),
     (ch09_distributed.merge, lambda a, b: [a.count + b.count, a.mean, a.m2], "return BatchStats(count, mean, m2)"),
     (ch09_distributed.merge, lambda a, b: BatchStats((a.count + b.count) / 2, a.mean, a.m2), "you averaged the counts"),
     (ch09_distributed.combine_variances, combine_average, "you averaged the workers' variances"),
@@ -181,22 +112,10 @@ WRONG = [
     (ch09_distributed.combine_variances, combine_biased, "you divided by N: the unbiased variance"),
     (ch09_distributed.combine_variances, combine_n_times_var, "you used n_k * var_k"),
     (ch09_distributed.combine_variances, combine_unweighted_global_mean, "not the plain average of the worker means"),
-    (ch09_distributed.combine_variances, combine_raw_sums, "values near 1e8: wrong values"),
+    (ch09_distributed.combine_variances, combine_raw_sums, "raw sums of squares"),
 ]
 
-
-@pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[f"{c.__name__}-{m[:30]}" for c, _, m in WRONG])
-def test_typical_wrong_answer_is_diagnosed(checker, wrong, message):
-    text = diagnosis(checker, wrong)
-    if message.endswith(": wrong values"):  # the cancellation: no variant matches, the case's hint explains
-        where = message.split(":")[0]
-        assert "wrong values" in text and where in text and "raw sums of squares" in text
-    else:
-        assert message in text
-
-
-def test_every_exercise_has_two_diagnosed_mistakes():
-    assert_two_diagnoses_each(WRONG, CHECKERS.values())
+RIGHT: list = []
 
 
 def test_merge_accepts_tensors_and_a_learner_that_modifies_its_inputs(capsys):

@@ -1,13 +1,8 @@
-"""The exercise checkers of chapters 2 (the test-time problem) and 3 (EWA) are honest.
-
-For every exercise: the solution written in the notebook passes its checker; the stub that
-`make exercises` puts in its place fails with "not implemented"; typical wrong answers fail
-with the message that names the mistake.
-"""
+"""Chapters 2 (the test-time problem) and 3 (EWA): typical wrong answers and right answers
+written otherwise (tests/test_exercises.py runs them), and tests of those checkers."""
 from __future__ import annotations
 
 import copy
-import re
 
 import numpy as np
 import pytest
@@ -15,73 +10,6 @@ import torch
 
 from bnkit.checks import ch02_test_time_problem, ch03_ewa
 from bnkit.checks._core import ExerciseError
-
-pytest.register_assert_rewrite("exercise_support")
-from exercise_support import (  # noqa: E402
-    REPO,
-    assert_check_cell_follows_each_solution,
-    assert_stub_fails,
-    diagnosis,
-    exercise_namespace,
-    learner_copy_text,
-    read_notebook,
-    stub,
-)
-
-CHAPTERS = {
-    "02_test_time_problem": REPO / "chapters" / "02_test_time_problem.ipynb",
-    "03_ewa": REPO / "chapters" / "03_ewa.ipynb",
-}
-
-# chapter -> {function a learner writes: its checker}, in the order of the exercises
-CHECKERS = {
-    "02_test_time_problem": {
-        "my_predict_with_batch_stats": ch02_test_time_problem.predict_with_batch_stats,
-        "my_fraction_changed": ch02_test_time_problem.fraction_changed,
-    },
-    "03_ewa": {
-        "my_ema": ch03_ewa.ema,
-        "my_convert_momentum": ch03_ewa.convert_momentum,
-        "my_debiased_weight": ch03_ewa.debiased_weight,
-    },
-}
-EXERCISES = [(chapter, name) for chapter, names in CHECKERS.items() for name in names]
-
-
-def _namespace(chapter: str, transform=None) -> dict:
-    """Run the chapter's imports and its exercise cells (optionally transformed)."""
-    return exercise_namespace(read_notebook(CHAPTERS[chapter]), transform, label=chapter)
-
-
-@pytest.fixture(scope="module", params=list(CHAPTERS))
-def chapter(request) -> str:
-    return request.param
-
-
-# ---------------------------------------------------------------- solutions and stubs
-
-
-@pytest.mark.parametrize("chapter_name, name", EXERCISES)
-def test_solution_passes(chapter_name, name, capsys):
-    fn = _namespace(chapter_name)[name]
-    CHECKERS[chapter_name][name](fn)
-    assert "✓" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("chapter_name, name", EXERCISES)
-def test_stub_fails(chapter_name, name):
-    stubbed = _namespace(chapter_name, stub("Exercise: "))
-    assert_stub_fails(CHECKERS[chapter_name][name], stubbed[name])
-
-
-def test_every_exercise_has_a_checker_and_a_check_cell(chapter):
-    assert_check_cell_follows_each_solution(read_notebook(CHAPTERS[chapter]), CHECKERS[chapter])
-
-
-def test_learner_copy_has_no_solutions(chapter):
-    text = learner_copy_text(read_notebook(CHAPTERS[chapter]), chapter[:2].lstrip("0"))
-    assert text.count("raise NotImplementedError") == len(CHECKERS[chapter])
-
 
 # ---------------------------------------------------------------- typical wrong answers, chapter 2
 
@@ -196,7 +124,7 @@ WRONG = [
     (ch02_test_time_problem.fraction_changed, changed_count, "how many predictions changed"),
     (ch03_ewa.ema, ema_fed_back, "fed the corrected value back into the recursion"),
     (ch03_ewa.ema, ema_swapped, "your beta weights the new value"),
-    (ch03_ewa.ema, ema_starts_at_first_value, r"v_0 = theta_1"),
+    (ch03_ewa.ema, ema_starts_at_first_value, "v_0 = theta_1"),
     (ch03_ewa.convert_momentum, convert_unchanged, "returned the momentum unchanged"),
     (ch03_ewa.convert_momentum, convert_always_flip, "between them nothing changes"),
     (ch03_ewa.debiased_weight, weight_uncorrected, "uncorrected weight"),
@@ -204,12 +132,7 @@ WRONG = [
     (ch03_ewa.debiased_weight, weight_cumulative, "cumulative average"),
 ]
 
-
-@pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[w.__name__ for _, w, _ in WRONG])
-def test_wrong_answer_named(checker, wrong, message):
-    text = diagnosis(checker, wrong)
-    assert re.search(message.replace("(", r"\(").replace(")", r"\)"), text)
-    assert "Traceback" not in text
+RIGHT: list = []
 
 
 def test_error_inside_learner_code_is_reported_not_raised():
