@@ -105,6 +105,23 @@ def _cases(seed: int, *names: str) -> list[Case]:
     return cases
 
 
+def _given(seed: int, what: str) -> list[Case]:
+    """Cases where mu or var is given, not z's own (at test time: the running statistics)."""
+    rng = np.random.default_rng(seed + 100)
+    out = []
+    for label, s, hint in _stages(seed)[::3]:
+        z, eps = s["z"], s["eps"]
+        n = z.shape[1]
+        if what == "mu":
+            mu = (s["mu"] + rng.normal(0, 1, n)).astype(z.dtype)
+            out.append(Case(f"{label}, mu given (a running mean, not z's own)", (z, mu), hint))
+        else:
+            var = (s["var"] * rng.uniform(0.5, 2, n)).astype(z.dtype)
+            out.append(Case(f"{label}, eps = {eps:g}, var given (a running variance, not "
+                            "z_new's own)", (s["z_new"], var, eps), hint))
+    return out
+
+
 def _mean(x: np.ndarray, axes: tuple[int, ...] | None = None, **kw: Any) -> np.ndarray:
     return x.mean(axis=stat_axes(x.ndim) if axes is None else axes, **kw)
 
@@ -114,6 +131,15 @@ def _only_4d(z: np.ndarray, axes: tuple[int, ...]) -> tuple[int, ...]:
     if z.ndim != 4:
         raise ValueError("this mistake needs (m, C, H, W) input")
     return axes
+
+
+def _count_mistakes(total: Callable, what: str) -> list[tuple[Variant, str]]:
+    """Dividing a channel's sum by the wrong count (for (m, C, H, W) input)."""
+    return [
+        (lambda z: total(z, _only_4d(z, (0, 2, 3))) / z.shape[0],
+         f"you divided by m, not by m*H*W: for (m, C, H, W) input a channel's {what} is over "
+         "all m*H*W values, so divide by z.size // C"),
+    ]
 
 
 def _reduction_mistakes(reduce: Callable[..., np.ndarray], what: str) -> list[tuple[Variant, str]]:
@@ -142,7 +168,17 @@ def batch_mean(fn: Callable, seed: int = 0) -> None:
          "you summed but did not divide by m: mu = 1/m sum_i z_i"),
         (lambda z: z.sum(axis=stat_axes(z.ndim)) / (values_per_feature(z.shape) - 1),
          "you divided by m-1: the mean is 1/m sum_i z_i"),
-    ]
+        (lambda z: np.median(z, axis=stat_axes(z.ndim)),
+         "you took the median: step 1 is the mean, mu = 1/m sum_i z_i"),
+        (lambda z: _mean(z[:-1]), "you left out the last example (an off-by-one in the range "
+         "of examples): average all m of them"),
+        (lambda z: _mean(z[1:]), "you left out the first example (an off-by-one in the range "
+         "of examples): average all m of them"),
+        (lambda z: z.reshape(-1, z.shape[1]).mean(axis=0) if z.ndim == 4 else _only_4d(z, ()),
+         "for (m, C, H, W) input, z.reshape(-1, C) mixes the channels (it cuts the memory "
+         "order m, C, H, W into rows of C values): move the channel axis last first, or "
+         "average over axes (0, 2, 3)"),
+    ] + _count_mistakes(lambda z, axes: z.sum(axis=axes), "mean")
     check_function("batch_mean", fn, ref.batch_mean, _cases(seed, "z"), diagnoses)
 
 
@@ -156,8 +192,15 @@ def center(fn: Callable, seed: int = 0) -> None:
          "mean over the batch"),
         (lambda z, mu: z - mu.mean(), "you subtracted one number from everything: subtract each feature's own mu"),
         (lambda z, mu: z, "you returned z unchanged: subtract mu"),
+        (lambda z, mu: z - z.mean(axis=stat_axes(z.ndim), keepdims=True),
+         "you ignored the mu passed in and subtracted z's own batch mean: subtract the mu you "
+         "are given (at test time it is the running mean, not z's mean)"),
+        (lambda z, mu: z - mu.flat[0], "you subtracted one number from everything (mu[0]): "
+         "subtract each feature's own mu"),
+        (lambda z, mu: z / _vec(mu, z.ndim), "you divided by mu: centring subtracts it, z_new = z - mu"),
+        (lambda z, mu: z - 2 * _vec(mu, z.ndim), "you subtracted mu twice: z_new = z - mu"),
     ]
-    check_function("center", fn, ref.center, _cases(seed, "z", "mu"), diagnoses)
+    check_function("center", fn, ref.center, _cases(seed, "z", "mu") + _given(seed, "mu"), diagnoses)
 
 
 def batch_variance(fn: Callable, seed: int = 0) -> None:
@@ -175,7 +218,9 @@ def batch_variance(fn: Callable, seed: int = 0) -> None:
          "var = 1/m sum_i (z_new_i)^2 (not 1/m sum_i z_new_i, nor its square: z_new has mean 0)"),
         (lambda x: _mean(np.abs(x)), "you averaged |z_new|: square each value instead, 1/m sum_i (z_new_i)^2"),
         (lambda x: (x * x).sum(axis=stat_axes(x.ndim)), "you summed the squares but did not divide by m"),
-    ]
+        (lambda x: _mean(x * x) ** 2, "you squared the variance: var = 1/m sum_i (z_new_i)^2, "
+         "the mean of the squares, not its square"),
+    ] + _count_mistakes(lambda x, axes: (x * x).sum(axis=axes), "variance")
     check_function("batch_variance", fn, ref.batch_variance, _cases(seed, "z_new"), diagnoses)
 
 
@@ -192,8 +237,19 @@ def normalize(fn: Callable, seed: int = 0) -> None:
          "you multiplied by sqrt(var + eps): divide by it"),
         (lambda x, var, eps: x / np.sqrt(np.mean(var) + eps),
          "you divided by one number for all features: each feature uses its own var"),
+        (lambda x, var, eps: x / _vec(np.sqrt(var + eps**2), x.ndim),
+         "you added eps**2: eps is added as it is, sqrt(var + eps)"),
+        (lambda x, var, eps: x / _vec(np.sqrt(var + 1e-5), x.ndim),
+         "you used eps = 1e-5 whatever the argument: use the eps passed in"),
+        (lambda x, var, eps: x / _vec(np.sqrt(_mean(x * x) + eps), x.ndim),
+         "you recomputed the variance from z_new: use the var passed in (at test time it is the "
+         "running variance, not z_new's own)"),
+        (lambda x, var, eps: x / _vec(np.sqrt(_mean(x * x) * len(x) / (len(x) - 1)) + eps, x.ndim),
+         "you divided by z_new's own standard deviation (unbiased, with eps outside the root): "
+         "use the var passed in, sqrt(var + eps)"),
     ]
-    check_function("normalize", fn, ref.normalize, _cases(seed, "z_new", "var", "eps"), diagnoses)
+    cases = _cases(seed, "z_new", "var", "eps") + _given(seed, "var")
+    check_function("normalize", fn, ref.normalize, cases, diagnoses)
 
 
 def scale_shift(fn: Callable, seed: int = 0) -> None:
@@ -206,6 +262,12 @@ def scale_shift(fn: Callable, seed: int = 0) -> None:
         (lambda x, g, b: _vec(g, x.ndim) * (x + _vec(b, x.ndim)),
          "beta is added after scaling: gamma * z_norm + beta, not gamma * (z_norm + beta)"),
         (lambda x, g, b: x, "you returned z_norm unchanged: scale by gamma and shift by beta"),
+        (lambda x, g, b: _vec(np.abs(g), x.ndim) * x + _vec(b, x.ndim),
+         "you used |gamma|: gamma may be negative, and then it flips the feature's sign"),
+        (lambda x, g, b: _vec(g, x.ndim) * x - _vec(b, x.ndim), "you subtracted beta: z_tilde = gamma * z_norm + beta"),
+        (lambda x, g, b: x / _vec(g, x.ndim) + _vec(b, x.ndim), "you divided by gamma: gamma multiplies, z_tilde = gamma * z_norm + beta"),
+        (lambda x, g, b: g.flat[0] * x + _vec(b, x.ndim),
+         "you used gamma[0] for every feature: each feature has its own gamma"),
     ]
     check_function("scale_shift", fn, ref.scale_shift, _cases(seed, "z_norm", "gamma", "beta"), diagnoses)
 
