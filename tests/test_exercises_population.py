@@ -31,7 +31,7 @@ def update_biased(rm, rv, mu, var, count, momentum):
 
 
 def update_in_place(rm, rv, mu, var, count, momentum):
-    rm *= 1 - momentum  # changes the checker's copies only: still the right values
+    rm *= 1 - momentum  # the right values, but the prompt says: do not modify the inputs
     rm += momentum * mu
     return rm, (1 - momentum) * rv + momentum * var * count / (count - 1)
 
@@ -92,16 +92,202 @@ WRONG = [
     (ch05_population_stats.algorithm2, lambda mus, v, m: (mus.mean(1), m / (m - 1) * v.mean(1)), "averaged over the features"),
 ]
 
-RIGHT: list = []
+
+# ---------------------------------------------------------------- more wrong answers, right answers
+
+
+def infer_column_vectors(z, gamma, beta, mean, var, eps):
+    col = lambda v: v.reshape(-1, 1)  # noqa: E731  (n, 1): lines up with the first axis of z
+    return col(gamma) * (z - col(mean)) / np.sqrt(col(var) + eps) + col(beta)
+
+
+def infer_unbiased_from_z(z, gamma, beta, mean, var, eps):
+    z2 = np.atleast_2d(z)
+    return (gamma * (z2 - z2.mean(0)) / np.sqrt(z2.var(0, ddof=1) + eps) + beta).reshape(z.shape)
+
+
+def infer_with_torch(z, gamma, beta, mean, var, eps):
+    t = lambda a: torch.as_tensor(np.atleast_2d(a))  # noqa: E731
+    out = torch.nn.functional.batch_norm(t(z), t(mean)[0], t(var)[0], t(gamma)[0], t(beta)[0], False, 0.0, eps)
+    return out.reshape(z.shape).numpy()
+
+
+def infer_folded(z, gamma, beta, mean, var, eps):
+    scale = gamma / np.sqrt(var + eps)  # test-time BN is an affine map: z * scale + shift
+    return z * scale + (beta - mean * scale)
+
+
+def update_lerp(rm, rv, mu, var, count, momentum):
+    return rm + momentum * (mu - rm), rv + momentum * (var * count / (count - 1) - rv)
+
+
+def update_torch(rm, rv, mu, var, count, momentum):
+    rm, rv = torch.as_tensor(rm), torch.as_tensor(rv)
+    return torch.lerp(rm, torch.as_tensor(mu), momentum), torch.lerp(rv, torch.as_tensor(var) * count / (count - 1), momentum)
+
+
+def update_var_in_place(rm, rv, mu, var, count, momentum):
+    rv[:] = (1 - momentum) * rv + momentum * var * count / (count - 1)  # overwrites the caller's buffer
+    return (1 - momentum) * rm + momentum * mu, rv
+
+
+def merge_swapped_weights(a, b):
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    return n, a.mean + delta * a.count / n, a.m2 + b.m2 + delta**2 * a.count * b.count / n
+
+
+def merge_delta_sign(a, b):
+    n = a.count + b.count
+    delta = a.mean - b.mean  # reversed
+    return n, a.mean + delta * b.count / n, a.m2 + b.m2 + delta**2 * a.count * b.count / n
+
+
+def merge_returns_variance(a, b):
+    n, mean, m2 = running.merge(a, b)
+    return n, mean, m2 / n
+
+
+def merge_n_minus_one(a, b):
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    return n, a.mean + delta * b.count / n, a.m2 + b.m2 + delta**2 * a.count * b.count / (n - 1)
+
+
+def merge_in_place(a, b):
+    n = a.count + b.count
+    if n == 0:
+        return 0, a.mean, a.m2
+    delta = b.mean - a.mean
+    a.m2[...] += b.m2 + delta**2 * a.count * b.count / n  # changes the caller's a
+    a.mean[...] += delta * b.count / n
+    return n, a.mean, a.m2
+
+
+def merge_no_empty_guard(a, b):
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    return n, a.mean + delta * (b.count / n), a.m2 + b.m2 + delta**2 * (a.count * b.count / n)
+
+
+def merge_from_sums_in_float64_after_centring(a, b):
+    """Right: pool the raw sums around a common shift (a's mean), which avoids the cancellation."""
+    n = a.count + b.count
+    if n == 0:
+        return 0, a.mean, a.m2
+    shift = a.mean if a.count else b.mean
+    s1 = a.count * (a.mean - shift) + b.count * (b.mean - shift)
+    s2 = a.m2 + a.count * (a.mean - shift) ** 2 + b.m2 + b.count * (b.mean - shift) ** 2
+    return n, shift + s1 / n, s2 - s1**2 / n
+
+
+def merge_weighted_means(a, b):
+    n = a.count + b.count
+    if n == 0:
+        return 0, np.zeros_like(a.mean), np.zeros_like(a.m2)
+    mean = (a.count * a.mean + b.count * b.mean) / n
+    return n, mean, a.m2 + a.count * (a.mean - mean) ** 2 + b.m2 + b.count * (b.mean - mean) ** 2
+
+
+def algorithm2_integer_division(mus, variances, m):
+    return mus.mean(axis=0), m // (m - 1) * variances.mean(axis=0)
+
+
+def algorithm2_median(mus, variances, m):
+    return np.median(mus, axis=0), m / (m - 1) * np.median(variances, axis=0)
+
+
+def algorithm2_one_number(mus, variances, m):
+    return mus.mean(), m / (m - 1) * variances.mean()
+
+
+def algorithm2_mean_corrected_too(mus, variances, m):
+    return m / (m - 1) * mus.mean(axis=0), m / (m - 1) * variances.mean(axis=0)
+
+
+def algorithm2_in_place(mus, variances, m):
+    variances *= m / (m - 1)  # changes the caller's array
+    return mus.mean(axis=0), variances.mean(axis=0)
+
+
+def algorithm2_swapped(mus, variances, m):
+    return m / (m - 1) * variances.mean(axis=0), mus.mean(axis=0)
+
+
+def algorithm2_last_batch(mus, variances, m):
+    return mus[-1], m / (m - 1) * variances[-1]
+
+
+def algorithm2_sums(mus, variances, m):
+    T = len(mus)
+    return mus.sum(axis=0) / T, variances.sum(axis=0) * m / ((m - 1) * T)
+
+
+def algorithm2_unbiased_each(mus, variances, m):
+    unbiased = variances * (m / (m - 1))  # a new array: PyTorch's buffers hold these
+    return np.mean(mus, axis=0), np.mean(unbiased, axis=0)
+
+
+WRONG += [
+    (ch04_running_estimates.bn_infer, infer_column_vectors, "operands could not be broadcast together with shapes (8,5) (5,1)"),
+    (ch04_running_estimates.bn_infer, infer_unbiased_from_z, "wrong values on a batch z of shape (8, 5)"),
+    (ch04_running_estimates.bn_infer, lambda z, g, b, m, v, eps: g * (m - z) / np.sqrt(v + eps) + b, "wrong sign"),
+    (ch04_running_estimates.bn_infer, lambda z, g, b, m, v, eps: g * (z - m) / np.sqrt(v + 1e-5) + b,
+     "use the eps passed in"),
+    (ch04_running_estimates.bn_infer, lambda z, g, b, m, v, eps: g * z / np.sqrt(v + eps) - m + b,
+     "you subtracted running_mean after dividing"),
+    (ch04_running_estimates.bn_infer, lambda z, g, b, m, v, eps: g * (z - m) * np.sqrt(v + eps) + b,
+     "you multiplied by sqrt(running_var + eps)"),
+    (ch04_running_estimates.bn_infer, lambda z, g, b, m, v, eps: np.abs(g) * (z - m) / np.sqrt(v + eps) + b,
+     "you used |gamma|"),
+    (ch04_running_estimates.bn_infer, lambda z, g, b, m, v, eps: g * (z - m) / np.sqrt(np.sqrt(v) + eps) + b,
+     "you took running_var for a standard deviation"),
+    (ch04_running_estimates.update_running, update_in_place, "changed its input `rm` in place"),
+    (ch04_running_estimates.update_running, update_var_in_place, "changed its input `rv` in place"),
+    (ch04_running_estimates.update_running,
+     lambda rm, rv, mu, var, c, mom: update_lerp(rm, rv, mu, var, c, 0.1), "use the momentum passed in"),
+    (ch04_running_estimates.update_running,
+     lambda rm, rv, mu, var, c, mom: update_lerp(rm, rv, mu, var, c, mom)[::-1], "return them in the order (new_mean, new_var)"),
+    (ch04_running_estimates.update_running,
+     lambda rm, rv, mu, var, c, mom: (rm + mom * (mu - rm), rv + mom * (var * c / (c + 1) - rv)), "not count / (count + 1)"),
+    (ch04_running_estimates.update_running,
+     lambda rm, rv, mu, var, c, mom: (mom * rm + (1 - mom) * mu, rv + mom * (var * c / (c - 1) - rv)),
+     "your running mean uses Keras's convention"),
+    (ch04_running_estimates.update_running,
+     lambda rm, rv, mu, var, c, mom: (rm + mom * (mu - rm), rv + mom * (var * (c // (c - 1)) - rv)), "integer division"),
+    (ch05_population_stats.merge, merge_swapped_weights, "the weights are swapped"),
+    (ch05_population_stats.merge, merge_delta_sign, "delta has the wrong sign"),
+    (ch05_population_stats.merge, merge_returns_variance, "you returned the variance M2 / n"),
+    (ch05_population_stats.merge, merge_n_minus_one, "divides by n = n_a + n_b, not n - 1"),
+    (ch05_population_stats.merge, merge_in_place, "changed its input `a` in place"),
+    (ch05_population_stats.merge, merge_no_empty_guard, "raised ZeroDivisionError: division by zero"),
+    (ch05_population_stats.algorithm2, algorithm2_integer_division, "integer division"),
+    (ch05_population_stats.algorithm2, algorithm2_median, "you took medians"),
+    (ch05_population_stats.algorithm2, algorithm2_one_number, "wrong shape"),
+    (ch05_population_stats.algorithm2, algorithm2_mean_corrected_too, "only the variance gets the m/(m-1) correction"),
+    (ch05_population_stats.algorithm2, algorithm2_in_place, "changed its input `variances` in place"),
+    (ch05_population_stats.algorithm2, algorithm2_swapped, "return them in the order (mean, var)"),
+    (ch05_population_stats.algorithm2, algorithm2_last_batch, "you used only the last batch"),
+]
+
+RIGHT = [
+    (ch04_running_estimates.bn_infer, infer_with_torch),
+    (ch04_running_estimates.bn_infer, infer_folded),
+    (ch04_running_estimates.update_running, update_lerp),
+    (ch04_running_estimates.update_running, update_torch),
+    (ch05_population_stats.merge, merge_from_sums_in_float64_after_centring),
+    (ch05_population_stats.merge, merge_weighted_means),
+    (ch05_population_stats.algorithm2, algorithm2_sums),
+    (ch05_population_stats.algorithm2, algorithm2_unbiased_each),
+]
 
 
 def test_the_right_answers_in_other_forms_pass(capsys):
-    """Tensors, lists and in-place updates of the checker's copies are all accepted."""
-    ch04_running_estimates.update_running(update_in_place)
+    """Tensors and lists are accepted (an update in place is not: the prompt forbids it)."""
     ch05_population_stats.merge(lambda a, b: list(running.merge(a, b)))  # a list, and BatchStats itself
     ch05_population_stats.algorithm2(lambda mus, v, m: [torch.as_tensor(x) for x in running.algorithm2(mus, v, m)])
     ch04_running_estimates.bn_infer(lambda *args: torch.as_tensor(running_forward_infer(*args)))
-    assert capsys.readouterr().out.count("✓") == 4
+    assert capsys.readouterr().out.count("✓") == 3
 
 
 def running_forward_infer(z, gamma, beta, mean, var, eps):

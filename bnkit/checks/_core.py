@@ -55,7 +55,9 @@ Variant = Callable[..., Any]
 
 
 def _copy(a: Any) -> Any:
-    return a.copy() if isinstance(a, np.ndarray) else a
+    """A copy of an array, or of a tuple of arrays (a BatchStats), so that a learner's in-place
+    change cannot reach the case's own arguments."""
+    return copy.deepcopy(a) if isinstance(a, (np.ndarray, tuple)) else a
 
 
 def _where_in_learner_code(fn: Callable, exc: BaseException) -> str:
@@ -94,6 +96,39 @@ def call_learner(
         raise ExerciseError(
             f"{name}: your function raised {type(e).__name__}: {str(e).strip()}{where}{on}.{hint}"
         ) from None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """a and b hold the same values (arrays, tensors, tuples and NamedTuples of them, numbers)."""
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if hasattr(a, "detach") or isinstance(a, np.ndarray):
+        return bool(np.array_equal(_numpy(a), _numpy(b), equal_nan=True))
+    return a is b or a == b
+
+
+def argument_names(fn: Callable, count: int) -> list[str]:
+    """The names of fn's first count parameters (arg1, arg2, ... where it has none)."""
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        names = []
+    return (names + [f"argument {k + 1}" for k in range(len(names), count)])[:count]
+
+
+def check_unchanged(name: str, fn: Callable, case: Case) -> None:
+    """Call fn on deep copies of the case's arguments; raise if it changed any of them in place."""
+    args = copy.deepcopy(case.args)
+    call_learner(name, fn, args, label=case.label, hint=case.hint)
+    changed = [k for k, (a, b) in enumerate(zip(case.args, args)) if not _same(a, b)]
+    if changed:
+        names = argument_names(fn, len(args))
+        which = ", ".join(f"`{names[k]}`" for k in changed)
+        raise ExerciseError(
+            f"{name}: your function changed its input {which} in place (on {case.label}): the "
+            "exercise asks you to leave the inputs as they were, so build new arrays "
+            "(new = (1 - w) * old + w * x, not old *= ... or old[:] = ...)"
+        )
 
 
 def _call(name: str, fn: Callable, case: Case) -> np.ndarray:
@@ -150,8 +185,12 @@ def check_function(
     reference: Callable,
     cases: Sequence[Case],
     diagnoses: Sequence[tuple[Variant, str]] = (),
+    unchanged: bool = False,
 ) -> None:
     """Check ``fn`` against ``reference`` on every case; raise ExerciseError at the first failure.
+
+    unchanged: the exercise forbids changing the inputs: each case also checks that fn leaves
+    (deep copies of) its arguments as they were.
 
     A wrong output is compared with each ``wrong_variant(*case.args)`` in turn: of those it
     matches, the first that also gives the learner's outputs on the later cases names the
@@ -166,6 +205,8 @@ def check_function(
         expected = np.asarray(reference(*case.args))
         got = _call(name, fn, case)
         if _close(got, expected, case):
+            if unchanged:
+                check_unchanged(name, fn, case)
             continue
         matches = [message for variant, message in diagnoses if _matches(got, variant, case)]
         if matches:  # the first known mistake that also explains the learner's other outputs

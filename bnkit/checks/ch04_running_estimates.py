@@ -65,6 +65,18 @@ def bn_infer(fn: Callable, seed: int = 0) -> None:
          "you returned z_norm: finish with step 5, gamma * z_norm + beta"),
         (lambda z, g, b, mean, var, eps: g * (z + mean) / np.sqrt(var + eps) + b,
          "you added running_mean: centre with z - running_mean"),
+        (lambda z, g, b, mean, var, eps: g * (mean - z) / np.sqrt(var + eps) + b,
+         "wrong sign: centre with z - running_mean, not running_mean - z"),
+        (lambda z, g, b, mean, var, eps: g * (z - mean) / np.sqrt(var + 1e-5) + b,
+         "you used eps = 1e-5 whatever the argument: use the eps passed in"),
+        (lambda z, g, b, mean, var, eps: g * z / np.sqrt(var + eps) - mean + b,
+         "you subtracted running_mean after dividing: centre first, (z - running_mean) / sqrt(running_var + eps)"),
+        (lambda z, g, b, mean, var, eps: g * (z - mean) * np.sqrt(var + eps) + b,
+         "you multiplied by sqrt(running_var + eps): divide by it"),
+        (lambda z, g, b, mean, var, eps: np.abs(g) * (z - mean) / np.sqrt(var + eps) + b,
+         "you used |gamma|: gamma may be negative"),
+        (lambda z, g, b, mean, var, eps: g * (z - mean) / np.sqrt(np.sqrt(var) + eps) + b,
+         "you took running_var for a standard deviation: it is a variance, divide by sqrt(running_var + eps)"),
     ]
     check_function("bn_infer", fn, ref.forward_infer, cases, diagnoses)
 
@@ -118,8 +130,22 @@ def update_running(fn: Callable, seed: int = 0) -> None:
          "you returned the batch's statistics: mix them into the running ones with weight momentum"),
         (lambda rm, rv, mu, var, count, momentum: np.stack([rm, rv]),
          "you returned the running statistics unchanged: mix in the batch with weight momentum"),
+        (lambda rm, rv, mu, var, count, momentum: reference(rm, rv, mu, var, count, 0.1),
+         "you used momentum = 0.1 whatever the argument: use the momentum passed in"),
+        (lambda rm, rv, mu, var, count, momentum: reference(rm, rv, mu, var, count, momentum)[::-1],
+         "you returned (new_var, new_mean): return them in the order (new_mean, new_var)"),
+        (lambda rm, rv, mu, var, count, momentum: np.stack(
+            [(1 - momentum) * rm + momentum * mu, (1 - momentum) * rv + momentum * var * count / (count + 1)]),
+         "the correction is count / (count - 1), not count / (count + 1)"),
+        (lambda rm, rv, mu, var, count, momentum: np.stack(
+            [momentum * rm + (1 - momentum) * mu, (1 - momentum) * rv + momentum * var * count / (count - 1)]),
+         "your running mean uses Keras's convention (momentum weights the old average) while the "
+         "variance uses PyTorch's: in PyTorch, momentum weights the new batch in both"),
+        (lambda rm, rv, mu, var, count, momentum: np.stack(
+            [(1 - momentum) * rm + momentum * mu, (1 - momentum) * rv + momentum * var * (count // (count - 1))]),
+         "count // (count - 1) is an integer division (1 for count > 2): write count / (count - 1)"),
     ]
     _check_returns("update_running", fn, cases[0], 2, "the pair (new_mean, new_var)")
-    check_function("update_running", _pair(fn), reference, cases, diagnoses)
+    check_function("update_running", _pair(fn), reference, cases, diagnoses, unchanged=True)
 
 

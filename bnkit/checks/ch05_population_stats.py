@@ -45,6 +45,19 @@ def _triple(fn: Callable) -> Callable:
     return wrapped
 
 
+def _merge_with(mean_m2: Callable) -> Callable:
+    """A merge whose (mean, m2) come from mean_m2(a, b, n, delta), for sets that are not empty."""
+
+    def f(a: running.BatchStats, b: running.BatchStats) -> np.ndarray:
+        n = a.count + b.count
+        if a.count == 0 or b.count == 0:
+            raise ValueError("not applicable")
+        mean, m2 = mean_m2(a, b, n, b.mean - a.mean)
+        return np.concatenate([[n], mean, m2])
+
+    return f
+
+
 def merge(fn: Callable, seed: int = 0) -> None:
     """Check ``fn(a, b) -> (count, mean, m2)``: Chan et al.'s exact merge of two BatchStats."""
     rng = np.random.default_rng(seed)
@@ -55,6 +68,7 @@ def merge(fn: Callable, seed: int = 0) -> None:
         Case("an empty set (count 0) and a batch of 7", (_stats(rng, 0, 3), _stats(rng, 7, 3))),
         Case("a batch of 9 and an empty set (count 0)", (_stats(rng, 9, 2), _stats(rng, 0, 2))),
         Case("batches of 1000 and 20 values around 1e6", (_stats(rng, 1000, 3, 1e6), _stats(rng, 20, 3, 1e6))),
+        Case("two empty sets (count 0 each)", (_stats(rng, 0, 3), _stats(rng, 0, 3))),
     ]
 
     def reference(a, b):
@@ -82,12 +96,22 @@ def merge(fn: Callable, seed: int = 0) -> None:
         (variant(mean="plain"), "weight each mean by its count: mean = (n_a mean_a + n_b mean_b) / n, "
          "not the plain average of the two means"),
         (variant(spread="no_n"), "the spread term is delta**2 * n_a * n_b / n: you forgot to divide by n = n_a + n_b"),
+        (_merge_with(lambda a, b, n, d: (a.mean + d * a.count / n, a.m2 + b.m2 + d**2 * a.count * b.count / n)),
+         "the weights are swapped: the new mean is mean_a + delta * n_b / n (the larger set pulls the "
+         "mean towards itself)"),
+        (_merge_with(lambda a, b, n, d: (a.mean - d * b.count / n, a.m2 + b.m2 + d**2 * a.count * b.count / n)),
+         "delta has the wrong sign: delta = mean_b - mean_a, and the new mean is mean_a + delta * n_b / n"),
+        (_merge_with(lambda a, b, n, d: (a.mean + d * b.count / n, (a.m2 + b.m2 + d**2 * a.count * b.count / n) / n)),
+         "you returned the variance M2 / n: return M2 itself, the sum of squared deviations"),
+        (_merge_with(lambda a, b, n, d: (a.mean + d * b.count / n,
+                                         a.m2 + b.m2 + d**2 * a.count * b.count / max(n - 1, 1))),
+         "the spread term divides by n = n_a + n_b, not n - 1: delta**2 * n_a * n_b / n"),
         (lambda a, b: np.concatenate([[a.count + b.count], (a.mean + b.mean) / 2, (a.m2 + b.m2) / 2]),
          "you averaged the two sets' statistics: counts add, means are weighted by the counts, and M2 is a "
          "sum of squares, M2 = M2_a + M2_b + delta**2 * n_a * n_b / n"),
     ]
     _check_returns("merge", fn, cases[0], 3, "(count, mean, m2)")
-    check_function("merge", _triple(fn), reference, cases, diagnoses)
+    check_function("merge", _triple(fn), reference, cases, diagnoses, unchanged=True)
 
 
 def algorithm2(fn: Callable, seed: int = 0) -> None:
@@ -133,6 +157,14 @@ def algorithm2(fn: Callable, seed: int = 0) -> None:
          "you used only the last batch: average over all the batches (axis 0)"),
         (lambda mus, v, m: np.stack([mus.mean(1), m / (m - 1) * v.mean(1)]),
          "you averaged over the features (axis 1): average over the batches, axis 0, one value per feature"),
+        (lambda mus, v, m: np.stack([mus.mean(0), m // (m - 1) * v.mean(0)]),
+         "m // (m - 1) is an integer division (1 for m > 2): write m / (m - 1)"),
+        (lambda mus, v, m: np.stack([np.median(mus, 0), m / (m - 1) * np.median(v, 0)]),
+         "you took medians: Algorithm 2 averages over the batches, E_B[...] is a mean"),
+        (lambda mus, v, m: np.stack([m / (m - 1) * mus.mean(0), m / (m - 1) * v.mean(0)]),
+         "only the variance gets the m/(m-1) correction: the mean is E_B[mu_B], the plain average"),
+        (lambda mus, v, m: np.stack([m / (m - 1) * v.mean(0), mus.mean(0)]),
+         "you returned (var, mean): return them in the order (mean, var)"),
     ]
     _check_returns("algorithm2", fn, cases[0], 2, "the pair (mean, var)")
-    check_function("algorithm2", _pair(fn), reference, cases, diagnoses)
+    check_function("algorithm2", _pair(fn), reference, cases, diagnoses, unchanged=True)
