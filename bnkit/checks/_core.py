@@ -167,7 +167,8 @@ def _matches(got: np.ndarray, variant: Variant, case: Case) -> bool | None:
 
 
 def _explains(name: str, fn: Callable, diagnoses: Sequence, message: str, cases: Sequence[Case]) -> bool:
-    """Whether the variant(s) with this message give fn's output on every case they apply to."""
+    """Whether the variant(s) with this message give fn's output on every case they apply to
+    (a variant that gives the right answer on a case must find fn right there too)."""
     variants = [v for v, m in diagnoses if m == message]
     for case in cases:
         try:
@@ -210,7 +211,7 @@ def check_function(
             continue
         matches = [message for variant, message in diagnoses if _matches(got, variant, case)]
         if matches:  # the first known mistake that also explains the learner's other outputs
-            others = cases[k + 1 :]
+            others = [c for c in cases if c is not case]
             message = next((m for m in matches if _explains(name, fn, diagnoses, m, others)), matches[0])
             raise ExerciseError(f"{name}: {message} (on {case.label})")
         raise ExerciseError(f"{name}: {describe_difference(got, expected, case)}")
