@@ -36,7 +36,7 @@ def _vec(v, x):
     return v.reshape((1, -1) + (1,) * (x.ndim - 2))
 
 
-def _backward(mu_path=True, var_path=True, count=None, ones=False, swap=False):
+def _backward(mu_path=True, var_path=True, count=None, ones=False, swap=False, eps_used=True, ddof=0):
     """A learner's staged backward pass, with the chosen mistake."""
 
     def backward(dz_tilde, cache):
@@ -48,11 +48,11 @@ def _backward(mu_path=True, var_path=True, count=None, ones=False, swap=False):
         dbeta = dz_tilde.sum(axis=axes)
         dgamma = (dz_tilde * z_norm).sum(axis=axes)
         dz_norm = dz_tilde * _vec(gamma, dz_tilde)
-        inv_std = _vec((var + eps) ** -0.5, dz_tilde)
+        inv_std = _vec((var + (eps if eps_used else 0.0)) ** -0.5, dz_tilde)
         dz_new = dz_norm * inv_std
         if var_path:
             dvar = -0.5 * (dz_norm * z_new).sum(axis=axes, keepdims=True) * inv_std**3
-            dz_new = dz_new + dvar * 2 * z_new / m
+            dz_new = dz_new + dvar * 2 * z_new / (m - ddof)
         dz = dz_new - dz_new.sum(axis=axes, keepdims=True) / m if mu_path else dz_new
         return (dz, dbeta, dgamma) if swap else (dz, dgamma, dbeta)
 
@@ -178,8 +178,143 @@ WRONG_FOLD = [
 ]
 
 
-WRONG = WRONG_BACKWARD + WRONG_DIRECTIONAL + WRONG_FOLD
-RIGHT: list = []
+# ---------------------------------------------------------------- more wrong answers, right answers
+
+
+def _closed_form(dz_tilde, cache, sqrt_arg=lambda var, eps: var + eps, keepdims=False, axes=None, scale_m=True):
+    axes = _axes(dz_tilde) if axes is None else axes(dz_tilde)
+    m = dz_tilde.size // dz_tilde.shape[1]
+    dbeta = dz_tilde.sum(axis=axes, keepdims=True)
+    dgamma = (dz_tilde * cache.z_norm).sum(axis=axes, keepdims=True)
+    k = _vec(cache.gamma / np.sqrt(sqrt_arg(cache.var, cache.eps)), dz_tilde) / (m if scale_m else 1)
+    dz = k * (m * dz_tilde - dbeta - cache.z_norm * dgamma)
+    if keepdims:
+        return dz, dgamma, dbeta
+    return dz, dgamma.reshape(-1), dbeta.reshape(-1)
+
+
+def backward_keepdims(dz_tilde, cache):
+    return _closed_form(dz_tilde, cache, keepdims=True)
+
+
+def backward_axis0_only(dz_tilde, cache):
+    dz, _, _ = _closed_form(dz_tilde, cache)
+    return dz, (dz_tilde * cache.z_norm).sum(axis=0), dz_tilde.sum(axis=0)  # (C, H, W) for 4-D
+
+
+def backward_without_1_over_m(dz_tilde, cache):
+    return _closed_form(dz_tilde, cache, scale_m=False)
+
+
+def backward_sign(dz_tilde, cache):
+    dz, dgamma, dbeta = _closed_form(dz_tilde, cache)
+    return -dz, dgamma, dbeta
+
+
+def backward_no_reshape(dz_tilde, cache):
+    axes = _axes(dz_tilde)
+    m = dz_tilde.size // dz_tilde.shape[1]
+    dbeta, dgamma = dz_tilde.sum(axis=axes), (dz_tilde * cache.z_norm).sum(axis=axes)
+    k = cache.gamma / (m * np.sqrt(cache.var + cache.eps))  # (C,): lines up with W for 4-D
+    return k * (m * dz_tilde - dbeta - cache.z_norm * dgamma), dgamma, dbeta
+
+
+def backward_staged(dz_tilde, cache):
+    return ref.backward_staged(dz_tilde, cache) if hasattr(ref, "backward_staged") else _backward()(dz_tilde, cache)
+
+
+def backward_autograd(dz_tilde, cache):
+    import torch
+
+    z = torch.tensor(cache.z_new, dtype=torch.float64, requires_grad=True)  # z_new + mu: same gradient
+    gamma = torch.tensor(cache.gamma, dtype=torch.float64, requires_grad=True)
+    beta = torch.zeros_like(gamma, requires_grad=True)
+    axes = _axes(dz_tilde)
+    shape = (1, -1) + (1,) * (dz_tilde.ndim - 2)
+    z_new = z - z.mean(dim=axes, keepdim=True)
+    var = (z_new**2).mean(dim=axes, keepdim=True)
+    out = gamma.reshape(shape) * z_new / torch.sqrt(var + cache.eps) + beta.reshape(shape)
+    out.backward(torch.as_tensor(dz_tilde, dtype=torch.float64))
+    return z.grad.numpy(), gamma.grad.numpy(), beta.grad.numpy()
+
+
+def _relative(define):
+    def directional_error(f, x, grad, h=1e-5, seed=0):
+        v = np.random.default_rng(seed).standard_normal(x.shape)
+        numeric = (f(x + h * v) - f(x - h * v)) / (2 * h)
+        analytic = np.sum(grad * v)
+        return define(numeric, analytic)
+
+    return directional_error
+
+
+def directional_fixed_h(f, x, grad, h=1e-5, seed=0):
+    return _relative(lambda n, a: abs(n - a) / max(abs(n), abs(a)))(f, x, grad, 1e-5, seed)  # ignores h
+
+
+def directional_uniform(f, x, grad, h=1e-5, seed=0):
+    v = np.random.default_rng(seed).uniform(-1, 1, x.shape)  # random, but not the v the prompt asks for
+    numeric = (f(x + h * v) - f(x - h * v)) / (2 * h)
+    analytic = np.sum(grad * v)
+    return abs(numeric - analytic) / max(abs(numeric), abs(analytic))
+
+
+def directional_matrix_product(f, x, grad, h=1e-5, seed=0):
+    v = np.random.default_rng(seed).standard_normal(x.shape)
+    numeric = (f(x + h * v) - f(x - h * v)) / (2 * h)
+    analytic = np.dot(grad.ravel(), v.ravel()) if x.ndim == 1 else np.trace(grad @ v.T) * 0 + np.sum(grad) * np.mean(v)
+    return abs(numeric - analytic) / max(abs(numeric), abs(analytic))
+
+
+def directional_with_normal(f, x, grad, h=1e-5, seed=0):
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=x.shape)  # the same stream as standard_normal
+    f_plus, f_minus = f(x + h * v), f(x - h * v)
+    numeric, analytic = (f_plus - f_minus) / (2 * h), float(np.vdot(grad, v))
+    denominator = max(abs(numeric), abs(analytic))
+    return abs(numeric - analytic) / denominator if denominator else 0.0
+
+
+def directional_with_numpy_max(f, x, grad, h=1e-5, seed=0):
+    v = np.random.default_rng(seed).standard_normal(x.shape)
+    numeric = (f(x + h * v) - f(x - h * v)) / (2 * h)
+    analytic = np.tensordot(grad, v, axes=grad.ndim)
+    both = np.abs([numeric, analytic])
+    return float(np.abs(numeric - analytic) / both.max()) if both.max() > 0 else 0.0
+
+
+WRONG_BACKWARD_MORE = [
+    (ch07_backprop.backward, _backward(eps_used=False), "you left out eps"),
+    (ch07_backprop.backward, _backward(ddof=1), "you divided by m-1 in the path through var"),
+    (ch07_backprop.backward, backward_keepdims, "wrong shape: expected (5,), got (1, 5)"),
+    (ch07_backprop.backward, backward_axis0_only, "wrong shape: expected (3,), got (3, 5, 6)"),
+    (ch07_backprop.backward, backward_without_1_over_m, "every value is 8 times the expected one"),
+    (ch07_backprop.backward, backward_sign, "the sign of dz is flipped"),
+    (ch07_backprop.backward, backward_no_reshape, "reshape per-channel vectors to (1, C, 1, 1)"),
+]
+WRONG_DIRECTIONAL_MORE = [
+    (ch07_backprop.directional_error, _relative(lambda n, a: abs(n - a) / abs(n)), "you divided by |numeric|:"),
+    (ch07_backprop.directional_error, _relative(lambda n, a: abs(n - a) / abs(a)), "you divided by |analytic|:"),
+    (ch07_backprop.directional_error, _relative(lambda n, a: abs(n - a) / (abs(n) + abs(a))),
+     "you divided by |numeric| + |analytic|"),
+    (ch07_backprop.directional_error, _relative(lambda n, a: abs(n - a) / min(abs(n), abs(a))),
+     "you divided by min(|numeric|, |analytic|)"),
+    (ch07_backprop.directional_error, _relative(lambda n, a: (n - a) / max(abs(n), abs(a))),
+     "your relative error is negative"),
+    (ch07_backprop.directional_error, _relative(lambda n, a: abs(n - a) / max(abs(n), abs(a))),
+     "return 0 when both are 0"),
+    (ch07_backprop.directional_error, directional_fixed_h, "use the h you are given"),
+    (ch07_backprop.directional_error, directional_uniform, "a standard normal, from the seed you are given"),
+    (ch07_backprop.directional_error, directional_matrix_product, "for a correct gradient of a quadratic"),
+]
+
+WRONG = WRONG_BACKWARD + WRONG_DIRECTIONAL + WRONG_FOLD + WRONG_BACKWARD_MORE + WRONG_DIRECTIONAL_MORE
+RIGHT = [
+    (ch07_backprop.backward, backward_staged),
+    (ch07_backprop.backward, backward_autograd),
+    (ch07_backprop.directional_error, directional_with_normal),
+    (ch07_backprop.directional_error, directional_with_numpy_max),
+]
 
 
 def test_fold_reference_agrees_with_torch_fold_bn():
