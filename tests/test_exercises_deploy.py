@@ -283,6 +283,74 @@ def directional_with_numpy_max(f, x, grad, h=1e-5, seed=0):
     return float(np.abs(numeric - analytic) / both.max()) if both.max() > 0 else 0.0
 
 
+def fold_in_place(W, b, gamma, beta, mean, var, eps):
+    s = gamma / np.sqrt(var + eps)
+    W *= s.reshape((-1,) + (1,) * (W.ndim - 1))  # the caller's layer is changed
+    return W, (b - mean) * s + beta
+
+
+def fold_fixed_eps(W, b, gamma, beta, mean, var, eps):
+    return _fold()(W, b, gamma, beta, mean, var, 1e-5)
+
+
+def fold_abs_gamma(W, b, gamma, beta, mean, var, eps):
+    return _fold()(W, b, np.abs(gamma), beta, mean, var, eps)
+
+
+def fold_transposed(W, b, gamma, beta, mean, var, eps):
+    W_folded, b_folded = _fold()(W, b, gamma, beta, mean, var, eps)
+    return W_folded.T, b_folded
+
+
+def fold_bias_without_gamma(W, b, gamma, beta, mean, var, eps):
+    W_folded, _ = _fold()(W, b, gamma, beta, mean, var, eps)
+    return W_folded, (b - mean) / np.sqrt(var + eps) + beta
+
+
+def fold_bias_sign(W, b, gamma, beta, mean, var, eps):
+    W_folded, _ = _fold()(W, b, gamma, beta, mean, var, eps)
+    return W_folded, (mean - b) * gamma / np.sqrt(var + eps) + beta
+
+
+def fold_conv_like_linear(W, b, gamma, beta, mean, var, eps):
+    s = gamma / np.sqrt(var + eps)
+    return s[:, None] * W, (b - mean) * s + beta  # right for Linear; lines up with (kh, kw) for a conv
+
+
+def fold_diag(W, b, gamma, beta, mean, var, eps):
+    s = gamma / np.sqrt(var + eps)
+    return np.diag(s) @ W, beta + s * (b - mean)
+
+
+def fold_einsum(W, b, gamma, beta, mean, var, eps):
+    inv_std = 1 / np.sqrt(var + eps)
+    return np.einsum("o,o...->o...", gamma * inv_std, W), gamma * inv_std * b + (beta - gamma * inv_std * mean)
+
+
+def fold_by_loop(W, b, gamma, beta, mean, var, eps):
+    W_folded, b_folded = W.astype(float), np.empty(len(b))  # new arrays
+    for c in range(len(b)):
+        s = gamma[c] / (var[c] + eps) ** 0.5
+        W_folded[c] = W[c] * s
+        b_folded[c] = (b[c] - mean[c]) * s + beta[c]
+    return W_folded, b_folded
+
+
+WRONG_FOLD_MORE = [
+    (checker, wrong, message)
+    for checker in (ch08_folding.fold_linear, ch08_folding.fold_conv)
+    for wrong, message in [
+        (fold_in_place, "changed its input `W` in place"),
+        (fold_fixed_eps, "use the eps passed in"),
+        (fold_abs_gamma, "you used |gamma|"),
+        (fold_bias_without_gamma, "the bias is scaled by s = gamma / sqrt(var + eps), gamma included"),
+        (fold_bias_sign, "wrong sign: b' = (b - mean) * s + beta"),
+    ]
+] + [
+    (ch08_folding.fold_linear, fold_transposed, "you returned W_folded transposed"),
+    (ch08_folding.fold_conv, fold_conv_like_linear, "your function raised ValueError: operands could not be broadcast"),
+]
+
 WRONG_BACKWARD_MORE = [
     (ch07_backprop.backward, _backward(eps_used=False), "you left out eps"),
     (ch07_backprop.backward, _backward(ddof=1), "you divided by m-1 in the path through var"),
@@ -308,12 +376,17 @@ WRONG_DIRECTIONAL_MORE = [
     (ch07_backprop.directional_error, directional_matrix_product, "for a correct gradient of a quadratic"),
 ]
 
-WRONG = WRONG_BACKWARD + WRONG_DIRECTIONAL + WRONG_FOLD + WRONG_BACKWARD_MORE + WRONG_DIRECTIONAL_MORE
+WRONG = WRONG_BACKWARD + WRONG_DIRECTIONAL + WRONG_FOLD + WRONG_BACKWARD_MORE + WRONG_DIRECTIONAL_MORE + WRONG_FOLD_MORE
 RIGHT = [
     (ch07_backprop.backward, backward_staged),
     (ch07_backprop.backward, backward_autograd),
     (ch07_backprop.directional_error, directional_with_normal),
     (ch07_backprop.directional_error, directional_with_numpy_max),
+    (ch08_folding.fold_linear, fold_diag),
+    (ch08_folding.fold_linear, fold_einsum),
+    (ch08_folding.fold_linear, fold_by_loop),
+    (ch08_folding.fold_conv, fold_einsum),
+    (ch08_folding.fold_conv, fold_by_loop),
 ]
 
 

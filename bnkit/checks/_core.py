@@ -343,13 +343,15 @@ def check_results(
     results: Sequence[str],
     diagnoses: Sequence[tuple[Variant, str, str]] = (),
     extra: Callable[[str, ExerciseError, Case, np.ndarray], str] | None = None,
+    unchanged: bool = False,
 ) -> None:
     """``check_function`` for a function that returns a tuple: each result is checked in turn.
 
     diagnoses: (wrong_variant returning the whole tuple, the result it is about, message).
     extra(result, error, case, got) may add a sentence to a failure message.
     Every call gets deep copies of the arguments (a learner may change the cache in place).
-    One line is printed on success.
+    unchanged: the exercise forbids changing the inputs; checked on every case once the values
+    are right. One line is printed on success.
     """
     __tracebackhide__ = True
     if not callable(fn):
@@ -378,6 +380,8 @@ def check_results(
                         note = extra(result, e, case, got)
                         break
             raise ExerciseError(str(e) + note) from None
+    for case in cases if unchanged else ():
+        check_unchanged(name, fn, case)
     print(f"✓ {name}: correct on {len(cases)} test cases")
 
 
