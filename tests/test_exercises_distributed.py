@@ -8,6 +8,7 @@ import torch
 
 from bnkit.checks import ch09_distributed
 from bnkit.checks._core import ExerciseError
+from bnkit import running
 from bnkit.running import BatchStats
 
 # ---------------------------------------------------------------- typical wrong answers, exercise 1
@@ -115,7 +116,111 @@ WRONG = [
     (ch09_distributed.combine_variances, combine_raw_sums, "raw sums of squares"),
 ]
 
-RIGHT: list = []
+
+# ---------------------------------------------------------------- more wrong answers, right answers
+
+
+def merge_delta_sign(a, b):
+    delta = a.mean - b.mean
+    return BatchStats(_n(a, b), a.mean + delta * (b.count / _n(a, b)), a.m2 + b.m2 + delta**2 * (a.count * b.count / _n(a, b)))
+
+
+def merge_returns_a_when_empty(a, b):
+    if a.count == 0 or b.count == 0:
+        return a  # wrong when a is the empty one
+    return BatchStats(_n(a, b), _right_mean(a, b), _right_m2(a, b))
+
+
+def merge_float32(a, b):
+    f = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731  "to save memory"
+    delta = f(b.mean) - f(a.mean)
+    return BatchStats(_n(a, b), f(a.mean) + delta * (b.count / _n(a, b)),
+                      f(a.m2) + f(b.m2) + delta**2 * (a.count * b.count / _n(a, b)))
+
+
+def merge_between_n_minus_one(a, b):
+    delta = b.mean - a.mean
+    return BatchStats(_n(a, b), _right_mean(a, b), a.m2 + b.m2 + delta**2 * a.count * b.count / (_n(a, b) - 1))
+
+
+def merge_counts_squared(a, b):
+    delta = b.mean - a.mean
+    return BatchStats(_n(a, b), _right_mean(a, b), a.m2 + b.m2 + delta**2 * (a.count * b.count / _n(a, b)) ** 2)
+
+
+def merge_through_weighted_mean(a, b):
+    n = a.count + b.count
+    mean = (a.count * a.mean + b.count * b.mean) / n
+    return BatchStats(n, mean, a.m2 + a.count * (a.mean - mean) ** 2 + b.m2 + b.count * (b.mean - mean) ** 2)
+
+
+def merge_with_running_merge_all(a, b):
+    return tuple(running.merge_all([a, b]))
+
+
+def combine_between_over_n(counts, means, variances):
+    w, N = counts[:, None], counts.sum()
+    mean = (w * means).sum(axis=0) / N
+    return (((w - 1) * variances).sum(axis=0) + (w * (means - mean) ** 2).sum(axis=0) / N) / (N - 1)
+
+
+def combine_between_weights_minus_one(counts, means, variances):
+    w, N = counts[:, None], counts.sum()
+    mean = (w * means).sum(axis=0) / N
+    return (((w - 1) * variances).sum(axis=0) + ((w - 1) * (means - mean) ** 2).sum(axis=0)) / (N - 1)
+
+
+def combine_stds(counts, means, variances):
+    return ((counts[:, None] * np.sqrt(variances)).sum(axis=0) / counts.sum()) ** 2
+
+
+def combine_returns_mean_too(counts, means, variances):
+    w, N = counts[:, None], counts.sum()
+    mean = (w * means).sum(axis=0) / N
+    return mean, (((w - 1) * variances).sum(axis=0) + (w * (means - mean) ** 2).sum(axis=0)) / (N - 1)
+
+
+def combine_drops_last_worker(counts, means, variances):
+    counts, means, variances = counts[:-1], means[:-1], variances[:-1]  # range(K - 1)
+    w, N = counts[:, None], counts.sum()
+    mean = (w * means).sum(axis=0) / N
+    return (((w - 1) * variances).sum(axis=0) + (w * (means - mean) ** 2).sum(axis=0)) / (N - 1)
+
+
+def combine_by_merging(counts, means, variances):
+    total = running.BatchStats(0, np.zeros(means.shape[1]), np.zeros(means.shape[1]))
+    for c, m, v in zip(counts, means, variances):
+        total = running.merge(total, running.BatchStats(int(c), m, (c - 1) * v))
+    return total.m2 / (total.count - 1)
+
+
+def combine_law_of_total_variance(counts, means, variances):
+    N = counts.sum()
+    mean = np.average(means, axis=0, weights=counts)
+    within = np.einsum("k,kn->n", counts - 1, variances)
+    between = np.einsum("k,kn->n", counts, (means - mean) ** 2)
+    return (within + between) / (N - 1)
+
+
+WRONG += [
+    (ch09_distributed.merge, merge_delta_sign, "delta has the wrong sign"),
+    (ch09_distributed.merge, merge_returns_a_when_empty, "when a is empty (count 0) the union is b"),
+    (ch09_distributed.merge, merge_float32, "you computed in float32"),
+    (ch09_distributed.merge, merge_between_n_minus_one, "divides by n = n_a + n_b, not n - 1"),
+    (ch09_distributed.merge, merge_counts_squared, "square delta, not the counts"),
+    (ch09_distributed.combine_variances, combine_between_over_n, "you divided the between-worker term by N"),
+    (ch09_distributed.combine_variances, combine_between_weights_minus_one, "weights by n_k, not n_k - 1"),
+    (ch09_distributed.combine_variances, combine_stds, "you averaged standard deviations"),
+    (ch09_distributed.combine_variances, combine_returns_mean_too, "return only the variance"),
+    (ch09_distributed.combine_variances, combine_drops_last_worker, "wrong values on 3 workers with 20, 7 and 45 values"),
+]
+
+RIGHT = [
+    (ch09_distributed.merge, merge_through_weighted_mean),
+    (ch09_distributed.merge, merge_with_running_merge_all),
+    (ch09_distributed.combine_variances, combine_by_merging),
+    (ch09_distributed.combine_variances, combine_law_of_total_variance),
+]
 
 
 def test_merge_accepts_tensors_and_a_learner_that_modifies_its_inputs(capsys):

@@ -262,6 +262,10 @@ def _value_difference(got: np.ndarray, expected: np.ndarray, case: Case) -> str:
     if got.ndim == 0 or got.size == 1:
         ratio = f" ({float(got.flat[0] / expected.flat[0]):.4g} times it)" if expected.flat[0] else ""
         return f"expected {float(expected.flat[0]):.6g}, got {float(got.flat[0]):.6g}{ratio}"
+    rel = float(np.max(np.abs(d))) / max(float(np.max(np.abs(expected))), 1e-300)
+    if rel < 1e-4:
+        return (f"your values are close but not equal (largest relative difference {rel:.1e}, more than "
+                "round-off in float64): is part of your computation in float32, or an approximation?")
     if e2 > 0:
         c = float(np.sum(got * expected)) / e2
         if np.allclose(got, c * expected, rtol=1e-6, atol=1e-9 * np.sqrt(e2)):
