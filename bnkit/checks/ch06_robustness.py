@@ -45,8 +45,8 @@ def _not_here() -> None:
 def steps_needed(fn: Callable, seed: int = 0) -> None:
     """Check ``fn(momentum, fraction) -> k`` (PyTorch's momentum, the weight of the new batch)."""
     # cases where log(1 - fraction) / log(1 - momentum) is not a whole number (no round-off ties)
-    pairs = [(0.1, 0.99), (0.01, 0.99), (0.001, 0.5), (0.3, 0.9), (0.5, 0.999), (0.01, 0.632), (0.05, 0.95),
-             (0.6, 0.9), (0.5, 0.75)]  # a large momentum; a whole-number ratio (0.5**2 = 0.25 exactly)
+    # the last two: a large momentum, and a whole-number ratio (0.5**2 = 0.25 exactly)
+    pairs = [(0.1, 0.99), (0.01, 0.99), (0.001, 0.5), (0.3, 0.9), (0.05, 0.95), (0.6, 0.9), (0.5, 0.75)]
     cases = [Case(f"momentum = {m:g}, fraction = {f:g}", (m, f)) for m, f in pairs]
     ratio = lambda m, f: math.log(1 - f) / math.log(1 - m)  # noqa: E731
     diagnoses = [
