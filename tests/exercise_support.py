@@ -40,7 +40,7 @@ from bnkit.checks._core import ExerciseError
 REPO = Path(__file__).resolve().parent.parent
 MAKE_EXERCISES = REPO / "tools" / "make_exercises.py"
 
-# chapter -> {function a learner writes: its checker}, in the order of the exercises. A new
+# chapter -> {function (or class) a learner writes: its checker}, in the order of the exercises. A new
 # exercise goes here (tests/test_exercises.py then tests its layout, solution, stub and copy)
 # and its wrong and right answers into the chapter's module in ANSWERS.
 EXERCISES = {
@@ -63,10 +63,12 @@ EXERCISES = {
     "04_running_estimates": {
         "my_bn_infer": ch04.bn_infer,
         "my_update_running": ch04.update_running,
+        "MyBatchNorm": ch04.batch_norm_layer,
     },
     "05_population_stats": {
         "my_merge": ch05.merge,
         "my_algorithm2": ch05.algorithm2,
+        "my_layer_by_layer_stats": ch05.layer_by_layer_stats,
     },
     "06_robustness": {
         "my_steps_needed": ch06.steps_needed,
@@ -175,10 +177,11 @@ def stub(prefix: str = "") -> Callable[[str], str]:
 
 
 def defined_functions(nb: nbformat.NotebookNode) -> set[str]:
-    """The names of the functions the notebook's exercise cells define: what the learner writes."""
+    """The names of the functions and classes the notebook's exercise cells define: what the
+    learner writes."""
     defined = set()
     for source in solution_cells(nb):
-        defined |= {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
+        defined |= {n.name for n in ast.parse(source).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     return defined
 
 
@@ -224,7 +227,7 @@ def assert_exercise_layout(
         assert f"def {name}(" in solution.source
         names = [name]
     else:
-        names = [n.name for n in ast.parse(solution.source).body if isinstance(n, ast.FunctionDef)]
+        names = [n.name for n in ast.parse(solution.source).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     assert end.cell_type == "markdown" and end.source.rstrip().endswith("```{solution-end}\n```")
     assert check_cell.cell_type == "code"
     graded = check_cell.source.splitlines()[0] if first_line_only else check_cell.source

@@ -359,3 +359,213 @@ def test_recorder_removes_its_hooks_and_rejects_unknown_layers():
         BatchStatsRecorder(model, layers=["0"])
     with pytest.raises(ValueError, match="no BatchNorm layer"):
         BatchStatsRecorder(mlp(hidden=(8,), bn=False))
+
+
+# ---------------------------------------------------------------- the capstone: a whole BN layer
+
+
+def _layer(mistake="", plain_attributes=False):
+    """A BN layer class, right or with one typical mistake."""
+
+    class Layer(torch.nn.Module):
+        def __init__(self, num_features, eps=1e-5, momentum=0.1):
+            super().__init__()
+            self.eps, self.momentum = eps, momentum
+            self.weight = torch.nn.Parameter(torch.ones(num_features))
+            self.bias = torch.nn.Parameter(torch.zeros(num_features))
+            if plain_attributes:  # not in the state_dict, not moved by .to()
+                self.running_mean, self.running_var = torch.zeros(num_features), torch.ones(num_features)
+                self.num_batches_tracked = torch.tensor(0)
+            else:
+                self.register_buffer("running_mean", torch.zeros(num_features))
+                self.register_buffer("running_var", torch.ones(num_features))
+                self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+        def forward(self, x):
+            axes = [0] if mistake == "2d only" else [0] + list(range(2, x.dim()))
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            training = torch.is_grad_enabled() if mistake == "grad mode" else self.training
+            if training or mistake == "eval uses batch":
+                mu, var = x.mean(dim=axes), x.var(dim=axes, unbiased=mistake == "unbiased norm")
+                if mistake == "detach":
+                    mu, var = mu.detach(), var.detach()
+            if training or mistake == "update in eval":
+                with torch.no_grad():
+                    b_mu, b_var = x.mean(dim=axes), x.var(dim=axes, unbiased=False)
+                    if mistake != "no count":
+                        self.num_batches_tracked += 1
+                    m = self.momentum
+                    if m is None:
+                        m = 0.1 if mistake == "none as 0.1" else 1.0 / float(self.num_batches_tracked)
+                    if mistake == "keras":
+                        m = 1 - m
+                    count = x.shape[0] if mistake == "count m" else x.numel() // x.shape[1]
+                    unbiased = b_var if mistake == "biased buffer" else b_var * count / (count - 1)
+                    self.running_mean.mul_(1 - m).add_(m * b_mu)
+                    self.running_var.mul_(1 - m).add_(m * unbiased)
+            if not (training or mistake == "eval uses batch"):
+                mu, var = self.running_mean, self.running_var
+            if mistake == "eps outside":
+                std = torch.sqrt(var.reshape(shape)) + self.eps
+            else:
+                std = torch.sqrt(var.reshape(shape) + self.eps)
+            return self.weight.reshape(shape) * (x - mu.reshape(shape)) / std + self.bias.reshape(shape)
+
+    Layer.__name__ = "MyBatchNorm"
+    return Layer
+
+
+class LayerWithFunctional(torch.nn.Module):
+    """Right: keep the state, let F.batch_norm do the arithmetic (as torch.nn does)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = torch.nn.Parameter(torch.ones(num_features))
+        self.bias = torch.nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x):
+        m = 0.0 if self.momentum is None else self.momentum  # (unused in eval mode)
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else m
+        return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                              self.training, m, self.eps)
+
+
+class LayerWithLerp(LayerWithFunctional):
+    """Right: the update written with torch.lerp, the statistics through a (C, -1) view."""
+
+    def forward(self, x):
+        C = x.shape[1]
+        flat = x.transpose(0, 1).reshape(C, -1)  # (C, m*H*W)
+        shape = (1, C) + (1,) * (x.dim() - 2)
+        if self.training:
+            mu, var = flat.mean(dim=1), flat.var(dim=1, unbiased=False)
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.copy_(torch.lerp(self.running_mean, mu, m))
+                self.running_var.copy_(torch.lerp(self.running_var, flat.var(dim=1, unbiased=True), m))
+        else:
+            mu, var = self.running_mean, self.running_var
+        inv_std = torch.rsqrt(var + self.eps)
+        return (x - mu.reshape(shape)) * (self.weight * inv_std).reshape(shape) + self.bias.reshape(shape)
+
+
+WRONG += [
+    (ch04_running_estimates.batch_norm_layer, _layer("biased buffer"), "you mixed the biased batch variance into running_var"),
+    (ch04_running_estimates.batch_norm_layer, _layer("keras"), "Keras's convention"),
+    (ch04_running_estimates.batch_norm_layer, _layer("none as 0.1"), "with momentum=None PyTorch takes the cumulative average"),
+    (ch04_running_estimates.batch_norm_layer, _layer("grad mode"), "the mode is self.training"),
+    (ch04_running_estimates.batch_norm_layer, _layer(plain_attributes=True), "register running_mean, running_var"),
+    (ch04_running_estimates.batch_norm_layer, _layer("detach"), "do not .detach() them in training mode"),
+    (ch04_running_estimates.batch_norm_layer, _layer("2d only"), "(m, C, H, W) = (4, 3, 5, 6) input"),
+    (ch04_running_estimates.batch_norm_layer, _layer("eval uses batch"), "in eval mode you normalised with the batch's statistics"),
+    (ch04_running_estimates.batch_norm_layer, _layer("count m"), "running_var: wrong values on (m, C, H, W) = (4, 3, 5, 6) input"),
+    (ch04_running_estimates.batch_norm_layer, _layer("unbiased norm"), "you normalised with the unbiased variance"),
+    (ch04_running_estimates.batch_norm_layer, _layer("update in eval"), "in eval mode"),
+    (ch04_running_estimates.batch_norm_layer, _layer("no count"), "num_batches_tracked"),
+    (ch04_running_estimates.batch_norm_layer, _layer("eps outside"), "eps belongs inside the square root"),
+]
+RIGHT += [
+    (ch04_running_estimates.batch_norm_layer, _layer()),
+    (ch04_running_estimates.batch_norm_layer, LayerWithFunctional),
+    (ch04_running_estimates.batch_norm_layer, LayerWithLerp),
+]
+
+
+# ---------------------------------------------------------------- chapter 5: per-layer statistics by hand
+
+
+def _bns(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def _stats_by_hand(upstream_updated=True, unbiased=True, restore=True, layers=None, last_only=False,
+                   upstream_train=False, per_batch_average=False):
+    """A learner's per-layer statistics, right or with one typical mistake."""
+
+    def fn(model, batches):
+        was = model.training
+        model.train() if upstream_train else model.eval()
+        todo = _bns(model)[:layers] if layers else _bns(model)
+        steps = [todo] if not upstream_updated or upstream_train else [[bn] for bn in todo]
+        for group in steps:
+            inputs = {bn: [] for bn in group}
+            hooks = [bn.register_forward_pre_hook(lambda m, a: inputs[m].append(a[0].detach().double()))
+                     for bn in group]
+            with torch.no_grad():
+                for x in batches:
+                    if last_only:
+                        for bn in group:
+                            inputs[bn].clear()
+                    model(x)
+            for h in hooks:
+                h.remove()
+            for bn in group:
+                axes = [0] + list(range(2, inputs[bn][0].dim()))
+                if per_batch_average:
+                    m = inputs[bn][0].numel() // inputs[bn][0].shape[1]
+                    mean = torch.stack([z.mean(dim=axes) for z in inputs[bn]]).mean(0)
+                    var = torch.stack([z.var(dim=axes, unbiased=False) for z in inputs[bn]]).mean(0) * m / (m - 1)
+                else:
+                    z = torch.cat(inputs[bn])
+                    mean, var = z.mean(dim=axes), z.var(dim=axes, unbiased=unbiased)
+                with torch.no_grad():
+                    bn.running_mean.copy_(mean)
+                    bn.running_var.copy_(var)
+        if restore:
+            model.train(was)
+
+    return fn
+
+
+def stats_with_recompute(model, batches):
+    import bnkit
+
+    bnkit.recompute_stats(model, batches, upstream="eval")
+
+
+def stats_by_merging(model, batches):
+    """Right: per-batch (count, mean, M2) merged with Chan et al.'s formula, layer after layer."""
+    was = model.training
+    model.eval()
+    for bn in _bns(model):
+        total = None
+
+        def hook(module, args):
+            nonlocal total
+            z = args[0].double()
+            z2 = z.transpose(0, 1).reshape(z.shape[1], -1).T.numpy()  # (values, C)
+            stats = running.batch_stats(z2)
+            total = stats if total is None else running.merge(total, stats)
+
+        handle = bn.register_forward_pre_hook(hook)
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        handle.remove()
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.as_tensor(total.mean))
+            bn.running_var.copy_(torch.as_tensor(total.m2 / (total.count - 1)))
+    model.train(was)
+
+
+WRONG += [
+    (ch05_population_stats.layer_by_layer_stats, _stats_by_hand(upstream_train=True), "with the BN layers in training mode"),
+    (ch05_population_stats.layer_by_layer_stats, _stats_by_hand(upstream_updated=False), "with the old statistics upstream"),
+    (ch05_population_stats.layer_by_layer_stats, _stats_by_hand(unbiased=False), "running_var holds the unbiased variance"),
+    (ch05_population_stats.layer_by_layer_stats, _stats_by_hand(per_batch_average=True), "running_mean is wrong"),
+    (ch05_population_stats.layer_by_layer_stats, _stats_by_hand(restore=False), "changed the modes"),
+    (ch05_population_stats.layer_by_layer_stats, _stats_by_hand(layers=1), "still holds its old statistics"),
+    (ch05_population_stats.layer_by_layer_stats, _stats_by_hand(last_only=True), "running_mean is wrong"),
+    (ch05_population_stats.layer_by_layer_stats, stats_with_recompute, "you called recompute_stats"),
+]
+RIGHT += [
+    (ch05_population_stats.layer_by_layer_stats, _stats_by_hand()),
+    (ch05_population_stats.layer_by_layer_stats, stats_by_merging),
+]
