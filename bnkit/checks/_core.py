@@ -26,7 +26,10 @@ from typing import Any
 import numpy as np
 
 
-__all__ = ["ExerciseError", "Case", "check_function", "call_learner", "not_implemented"]
+__all__ = [
+    "ExerciseError", "Case", "check_function", "check_results", "call_learner", "not_implemented",
+    "describe_difference", "check_unchanged", "does_not_apply",
+]
 
 
 class ExerciseError(AssertionError):
@@ -69,6 +72,11 @@ def _where_in_learner_code(fn: Callable, exc: BaseException) -> str:
         return ""
     f = frames[-1]
     return f" (line {f.lineno}: {f.line.strip()})" if f.line else f" (line {f.lineno})"
+
+
+def does_not_apply() -> Any:
+    """Raised by a wrong variant on a case where its mistake cannot show (the variant is skipped)."""
+    raise ValueError("this mistake does not show on this case")
 
 
 def not_implemented(name: str, fn: Callable) -> ExerciseError:

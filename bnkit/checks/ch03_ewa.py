@@ -16,7 +16,7 @@ import numpy as np
 
 from bnkit import running
 from bnkit.course import testtime
-from bnkit.checks._core import Case, check_function
+from bnkit.checks._core import Case, does_not_apply, check_function
 
 __all__ = ["ema", "convert_momentum", "debiased_weight"]
 
@@ -39,10 +39,6 @@ def _ema_variant(feed_back: bool = False, swap: bool = False, start_first: bool 
         return out
 
     return f
-
-
-def _not_applicable() -> Any:
-    raise ValueError("this mistake does not apply here")
 
 
 def _ema_store(store: Callable) -> Callable:
@@ -100,7 +96,7 @@ def ema(fn: Callable, seed: int = 0) -> None:
         (_ema_variant(correct=False), "with bias_correction=True return v_t / (1 - beta**t), not v_t"),
         (_ema_variant(correct=True), "with bias_correction=False return the raw v_t, without dividing by 1 - beta**t"),
         (lambda values, beta, bc: np.trunc(running.ema(values, beta, bc)) if np.asarray(values).dtype.kind == "i"
-         else _not_applicable(),
+         else does_not_apply(),
          "your averages are rounded to whole numbers: the output array took the integer dtype of "
          "values (np.zeros_like(values)); make it float (np.zeros(values.shape))"),
         (_ema_store(lambda v, t, beta, T: v / (1 - beta) ** t),

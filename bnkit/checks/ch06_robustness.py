@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import bnkit
-from bnkit.checks._core import Case, ExerciseError, call_learner, check_function
+from bnkit.checks._core import Case, does_not_apply, ExerciseError, call_learner, check_function
 from bnkit.course.nets import mlp
 
 __all__ = ["ExerciseError", "steps_needed", "adabn"]
@@ -36,10 +36,6 @@ def _steps_needed(momentum: float, fraction: float) -> int:
     while 1 - (1 - momentum) ** k < fraction:
         k += 1
     return k
-
-
-def _not_here() -> None:
-    raise ValueError("this mistake does not show on this case")
 
 
 def steps_needed(fn: Callable, seed: int = 0) -> None:
@@ -69,7 +65,7 @@ def steps_needed(fn: Callable, seed: int = 0) -> None:
          "value that is left; the share of the batch statistic is 1 - (1 - momentum)**k"),
         (lambda m, f: math.ceil(math.log(1 - f) / math.log(1 - m)) + 1,
          "one step too many: k = 0 means no step yet, and after k steps the share is 1 - (1 - momentum)**k"),
-        (lambda m, f: int(ratio(m, f)) + 1 if ratio(m, f) == int(ratio(m, f)) else _not_here(),
+        (lambda m, f: int(ratio(m, f)) + 1 if ratio(m, f) == int(ratio(m, f)) else does_not_apply(),
          "int(x) + 1 is one step too many when x = log(1 - fraction) / log(1 - momentum) is a whole "
          "number (then 1 - (1 - momentum)**x equals fraction exactly, which is enough: >=); round up "
          "with math.ceil(x)"),

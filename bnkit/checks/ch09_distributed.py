@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bnkit import running
-from bnkit.checks._core import Case, ExerciseError, check_function, not_implemented
+from bnkit.checks._core import Case, does_not_apply, ExerciseError, check_function, not_implemented
 from bnkit.running import BatchStats
 
 __all__ = ["ExerciseError", "merge", "combine_variances"]
@@ -77,10 +77,6 @@ def _delta(a: BatchStats, b: BatchStats) -> Any:
     return b.mean - a.mean
 
 
-def _not_here() -> Any:
-    raise ValueError("this mistake does not show on this case")
-
-
 def merge(fn: Callable, seed: int = 0) -> None:
     """Check ``fn(a, b) -> BatchStats(count, mean, m2)``, Chan et al.'s exact merge."""
     name = "merge"
@@ -103,7 +99,7 @@ def merge(fn: Callable, seed: int = 0) -> None:
     count_mistakes = [
         (lambda a, b: (a.count + b.count) / 2, "you averaged the counts: the merged set has n_a + n_b values"),
         (lambda a, b: max(a.count, b.count), "the merged count is n_a + n_b, the values of both sets"),
-        (lambda a, b: a.count if a.count == 0 else _not_here(),
+        (lambda a, b: a.count if a.count == 0 else does_not_apply(),
          "when a is empty (count 0) the union is b: you returned a; the formula needs no special "
          "case (with n_a = 0 it gives b)"),
     ]
@@ -118,7 +114,7 @@ def merge(fn: Callable, seed: int = 0) -> None:
          "the weights are swapped: mean = mean_a + delta * n_b / n (the larger set pulls the mean towards itself)"),
         (lambda a, b: a.mean - _delta(a, b) * b.count / n_of(a, b),
          "delta has the wrong sign: delta = mean_b - mean_a, and the mean is mean_a + delta * n_b / n"),
-        (lambda a, b: a.mean if a.count == 0 else _not_here(),
+        (lambda a, b: a.mean if a.count == 0 else does_not_apply(),
          "when a is empty (count 0) the union is b: you returned a's mean; the formula needs no special "
          "case (with n_a = 0 it gives b)"),
         (lambda a, b: np.float32(a.mean) + (np.float32(b.mean) - np.float32(a.mean)) * (b.count / n_of(a, b)),
