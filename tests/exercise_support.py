@@ -50,6 +50,7 @@ EXERCISES = {
         "my_batch_variance": ch01.batch_variance,
         "my_normalize": ch01.normalize,
         "my_scale_shift": ch01.scale_shift,
+        "my_is_batch_normalized": ch01.is_batch_normalized,
     },
     "02_test_time_problem": {
         "my_predict_with_batch_stats": ch02.predict_with_batch_stats,

@@ -199,3 +199,46 @@ RIGHT = [
     (ch01_five_steps.scale_shift, lambda x, g, b: np.add(np.multiply(x, VEC(g, x)), VEC(b, x))),
     (ch01_five_steps.scale_shift, lambda x, g, b: np.einsum("ic...,c->ic...", x, g) + VEC(b, x)),
 ]
+
+
+# ---------------------------------------------------------------- the property test of BN's output
+
+
+def _property_test(ddof=0, signed_gamma=False, mean_only=False, std_only=False, rtol=1e-3, axes=AXES,
+                   reduce=lambda ok: bool(np.all(ok)), exact=False):
+    def my_is_batch_normalized(z_tilde, gamma, beta):
+        ax = axes(z_tilde)
+        mean, std = z_tilde.mean(axis=ax), z_tilde.std(axis=ax, ddof=ddof)
+        target = gamma if signed_gamma else np.abs(gamma)
+        if exact:
+            return bool(np.all(mean == beta) and np.all(std == target))
+        mean_ok = np.abs(mean - beta) <= rtol * (np.abs(gamma) + np.abs(beta))
+        std_ok = np.isclose(std, target, rtol=rtol, atol=0)
+        return reduce(mean_ok if mean_only else std_ok if std_only else mean_ok & std_ok)
+
+    return my_is_batch_normalized
+
+
+WRONG += [
+    (ch01_five_steps.is_batch_normalized, _property_test(ddof=1), "you rejected the right output"),
+    (ch01_five_steps.is_batch_normalized, _property_test(signed_gamma=True), "(gamma may be negative)"),
+    (ch01_five_steps.is_batch_normalized, _property_test(mean_only=True), "you accepted an output normalised with the unbiased"),
+    (ch01_five_steps.is_batch_normalized, _property_test(std_only=True), "you accepted an output with beta left out"),
+    (ch01_five_steps.is_batch_normalized, _property_test(rtol=0.1), "a tolerance of 0.1 lets the 1/(m-1) variance through"),
+    (ch01_five_steps.is_batch_normalized, _property_test(exact=True), "not with =="),
+    (ch01_five_steps.is_batch_normalized, _property_test(axes=lambda z: (0,)), "for z of shape (4, 3, 5, 6)"),
+    (ch01_five_steps.is_batch_normalized, _property_test(reduce=lambda ok: ok), "return one bool (True or False), got ndarray"),
+]
+RIGHT += [
+    (ch01_five_steps.is_batch_normalized, _property_test()),
+    (ch01_five_steps.is_batch_normalized,
+     lambda z, g, b: ch01_five_steps_reference_property(z, g, b)),
+]
+
+
+def ch01_five_steps_reference_property(z_tilde, gamma, beta):
+    """Right, another way: standardise back with gamma and beta and test mean 0, std 1."""
+    shape = (1, -1) + (1,) * (z_tilde.ndim - 2)
+    back = (z_tilde.astype(np.float64) - beta.reshape(shape)) / np.abs(gamma).reshape(shape)
+    flat = np.moveaxis(back, 1, 0).reshape(back.shape[1], -1)  # (n, values per feature)
+    return bool(np.all(np.abs(flat.mean(axis=1)) < 1e-3) and np.all(np.abs(flat.std(axis=1) - 1) < 1e-3))

@@ -6,6 +6,7 @@
     normalize(fn)       fn(z_new, var, eps) -> z_norm             step 4
     scale_shift(fn)     fn(z_norm, gamma, beta) -> z_tilde        step 5
     forward_train(fn)   fn(z, gamma, beta, eps) -> (z_tilde, cache)
+    is_batch_normalized(fn)  fn(z_tilde, gamma, beta) -> bool: a property test of BN's output
 
 Each compares the learner's function with ``bnkit.reference`` on several cases ((m, n) and
 (m, C, H, W) inputs, m = 2, a feature with a large offset, a constant feature, float32) and
@@ -23,9 +24,10 @@ import numpy as np
 
 from bnkit import reference as ref
 from bnkit._validate import stat_axes, values_per_feature
-from bnkit.checks._core import Case, Variant, check_function
+from bnkit.checks._core import Case, ExerciseError, Variant, call_learner, check_function
 
-__all__ = ["batch_mean", "center", "batch_variance", "normalize", "scale_shift", "forward_train"]
+__all__ = ["batch_mean", "center", "batch_variance", "normalize", "scale_shift", "forward_train",
+           "is_batch_normalized"]
 
 
 def _vec(v: np.ndarray, ndim: int) -> np.ndarray:
@@ -302,3 +304,75 @@ def forward_train(fn: Callable, seed: int = 0) -> None:
     reference = lambda z, g, b, eps: ref.forward_train(z, g, b, eps)[0]  # noqa: E731
     cases = _cases(seed, "z", "gamma", "beta", "eps")
     check_function("forward_train", z_tilde_of, reference, cases, diagnoses)
+
+
+# ---------------------------------------------------------------- a property test of BN's output
+
+
+def _outputs(seed: int) -> list[tuple[str, tuple, bool, str]]:
+    """(label, (z_tilde, gamma, beta), whether it is a right BN output, what was done)."""
+    out = []
+    for k, (label, s, _) in enumerate(_stages(seed)):
+        z, gamma, beta, eps = s["z"], s["gamma"], s["beta"], s["eps"]
+        if "constant" in label:
+            continue  # a constant feature has spread 0, not |gamma|: left out of this exercise
+        eps = 1e-5
+        right = ref.forward_train(z, gamma, beta, eps)[0]
+        std = right.astype(np.float64).std(axis=stat_axes(z.ndim))
+        if not np.allclose(std, np.abs(gamma), rtol=1e-4):  # a feature with a tiny spread: eps shows
+            continue
+        out.append((f"the right output for {label}", (right, gamma, beta), True, ""))
+        ax, m = stat_axes(z.ndim), values_per_feature(z.shape)
+        z_new = z - _vec(_mean(z), z.ndim)
+        wrong = {
+            "normalised with the unbiased (1/(m-1)) variance":
+                z_new / _vec(np.sqrt(_mean(z_new**2) * m / (m - 1) + eps), z.ndim),
+            "with eps outside the square root (eps = 0.5)":
+                z_new / _vec(np.sqrt(_mean(z_new**2)) + 0.5, z.ndim),
+        }
+        for what, z_norm in wrong.items():
+            out.append((f"an output {what}, for {label}", (_vec(gamma, z.ndim) * z_norm + _vec(beta, z.ndim),
+                                                            gamma, beta), False, what))
+        norm = ref.forward_train(z, np.ones_like(gamma), np.zeros_like(beta), eps)[0]
+        per_example = (z - z.mean(axis=_wrong_axes(z.ndim), keepdims=True)) / np.sqrt(
+            z.var(axis=_wrong_axes(z.ndim), keepdims=True) + eps)
+        for what, z_tilde in [
+            ("normalised over the wrong axis (each example over its features)",
+             _vec(gamma, z.ndim) * per_example + _vec(beta, z.ndim)),
+            ("with gamma and beta swapped", _vec(beta, z.ndim) * norm + _vec(gamma, z.ndim)),
+            ("with beta left out", _vec(gamma, z.ndim) * norm),
+        ]:
+            out.append((f"an output {what}, for {label}", (z_tilde.astype(z.dtype), gamma, beta), False, what))
+    return out
+
+
+def is_batch_normalized(fn: Callable, seed: int = 0) -> None:
+    """Check ``fn(z_tilde, gamma, beta) -> bool``: True for every right training-mode BN output
+    (per feature: mean beta, biased standard deviation |gamma|, to a relative 1e-3), False for
+    the outputs of typical wrong implementations."""
+    __tracebackhide__ = True
+    name = "is_batch_normalized"
+    if not callable(fn):
+        raise ExerciseError(f"{name}: expected a function, got {type(fn).__name__}")
+    for label, args, right, what in _outputs(seed):
+        verdict = call_learner(name, fn, [a.copy() for a in args], label=label)
+        if not isinstance(verdict, (bool, np.bool_)):
+            shape = getattr(verdict, "shape", None)
+            raise ExerciseError(
+                f"{name}: return one bool (True or False), got {type(verdict).__name__}"
+                + (f" of shape {shape}: combine the per-feature tests with np.all(...)" if shape else "")
+            )
+        if right and not verdict:
+            raise ExerciseError(
+                f"{name}: you rejected {label}. Hint: per feature (axis 0, or axes (0, 2, 3) for 4-D), the "
+                "mean is beta and the biased standard deviation (ddof=0) is |gamma| (gamma may be negative); "
+                "eps makes the spread a little smaller, so compare with a relative tolerance such as 1e-3, "
+                "not with =="
+            )
+        if not right and verdict:
+            raise ExerciseError(
+                f"{name}: you accepted {label}: your test must fail on it. Hint: test both properties, "
+                "the mean beta and the standard deviation |gamma|, per feature, to a relative 1e-3 "
+                "(a tolerance of 0.1 lets the 1/(m-1) variance through)"
+            )
+    print(f"✓ {name}: accepts the right outputs and rejects the wrong ones ({len(_outputs(seed))} outputs)")
