@@ -101,6 +101,14 @@ def test_solution_in_the_notebook_passes(chapter, name, solutions, capsys):
 
 
 @pytest.mark.parametrize("chapter, name", ALL)
+def test_solution_passes_on_fresh_inputs_from_other_seeds(chapter, name, solutions, capsys):
+    """The checkers draw their inputs from a seed: a right answer passes whatever the seed."""
+    for seed in (1, 2):
+        assert EXERCISES[chapter][name](solutions[chapter][name], seed=seed) is None
+    assert capsys.readouterr().out.count("✓ ") == 2
+
+
+@pytest.mark.parametrize("chapter, name", ALL)
 def test_stub_fails_with_not_implemented(chapter, name):
     stubbed = _namespace(chapter, stub(f"Exercise {chapter_number(chapter)}.1: "))
     error = assert_stub_fails(EXERCISES[chapter][name], stubbed[name], name)
@@ -136,6 +144,8 @@ def test_typical_wrong_answer_is_caught_and_named(chapter, checker, wrong, messa
     text = diagnosis(checker, wrong)
     assert message in text
     assert "Traceback" not in text
+    with pytest.raises(ExerciseError):  # caught on the inputs of another seed too
+        checker(wrong, seed=1)
 
 
 @pytest.mark.parametrize("chapter, checker, right", RIGHT, ids=[_id(*row) for row in RIGHT])
