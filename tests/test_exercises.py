@@ -167,6 +167,30 @@ AXES = lambda z: tuple(a for a in range(z.ndim) if a != 1)  # noqa: E731
 VEC = lambda v, z: v.reshape((1, -1) + (1,) * (z.ndim - 2))  # noqa: E731
 
 
+@pytest.mark.parametrize("wrong, said", [
+    (lambda e: 2.5 * e, "every value is 2.5 times the expected one (a constant factor)"),
+    (lambda e: -e, "the sign is flipped"),
+    (lambda e: e + 0.75, "every value is off by the same constant 0.75 (an offset)"),
+    (lambda e: e + np.arange(e.shape[1]), "each feature (axis 1) is off by its own constant"),
+    (lambda e: e * np.arange(1, e.shape[1] + 1), "each feature (axis 1) is off by its own factor"),
+    (lambda e: np.where(np.arange(e.shape[1]) == 2, e + np.arange(len(e))[:, None], e),
+     "only feature (axis 1) [2] of 5 differ"),
+    (lambda e: e.T, "wrong shape: expected (8, 5), got (5, 8): transposed?"),
+    (lambda e: e[:, None], "extra axes of size 1 (keepdims=True"),
+    (lambda e: e.mean(axis=0), "you reduced over more axes than you should"),
+    (lambda e: np.where(e > 1, np.nan, e), "NaN or inf at"),
+    (lambda e: e * (1 + 1e-6), "close but not equal (largest relative difference 1.0e-06"),
+])
+def test_a_wrong_output_that_matches_no_known_mistake_is_described(wrong, said):
+    """check_function's fallback: how the output differs, on which input shape, with a hint."""
+    z = np.random.default_rng(0).normal(size=(8, 5)) + 0.5
+    cases = [Case("z of shape (8, 5)", (z,), "")]
+    with pytest.raises(ExerciseError) as info:
+        check_function("f", lambda z: wrong(z * 3), lambda z: z * 3, cases)
+    message = str(info.value)
+    assert said in message and "z of shape (8, 5)" in message and "Hint: " in message
+
+
 def test_a_learners_exception_is_reported_without_bnkit_traceback():
     def my_batch_mean(z):
         return z.mean(axis=(0, 2, 3))  # right for 4-D, fails on (m, n)
