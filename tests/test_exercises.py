@@ -50,7 +50,7 @@ from exercise_support import (  # noqa: E402
 ALL = [(chapter, name) for chapter, names in EXERCISES.items() for name in names]
 MIN_WRONG, MIN_RIGHT = 7, 2  # typical wrong answers and right answers written otherwise, each
 # chapters whose learners' copy is executed here (a kernel per chapter: the slow ones are left out)
-RUN_COPIES = ["07_backprop", "08_folding", "10_pitfalls"]  # and chapter 1, below
+RUN_COPIES = ["04_running_estimates", "05_population_stats", "07_backprop", "08_folding", "10_pitfalls"]  # and 1
 
 WRONG = [(chapter, *row) for chapter in EXERCISES for row in importlib.import_module(ANSWERS[chapter]).WRONG
          if row[0] in EXERCISES[chapter].values()]
