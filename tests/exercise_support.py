@@ -23,10 +23,100 @@ from typing import Callable
 import nbformat
 import pytest
 
+from bnkit.checks import (
+    ch01_five_steps as ch01,
+    ch02_test_time_problem as ch02,
+    ch03_ewa as ch03,
+    ch04_running_estimates as ch04,
+    ch05_population_stats as ch05,
+    ch06_robustness as ch06,
+    ch07_backprop as ch07,
+    ch08_folding as ch08,
+    ch09_distributed as ch09,
+    ch10_pitfalls as ch10,
+)
 from bnkit.checks._core import ExerciseError
 
 REPO = Path(__file__).resolve().parent.parent
 MAKE_EXERCISES = REPO / "tools" / "make_exercises.py"
+
+# chapter -> {function (or class) a learner writes: its checker}, in the order of the exercises. A new
+# exercise goes here (tests/test_exercises.py then tests its layout, solution, stub and copy)
+# and its wrong and right answers into the chapter's module in ANSWERS.
+EXERCISES = {
+    "01_five_steps": {
+        "my_batch_mean": ch01.batch_mean,
+        "my_center": ch01.center,
+        "my_batch_variance": ch01.batch_variance,
+        "my_normalize": ch01.normalize,
+        "my_scale_shift": ch01.scale_shift,
+        "my_is_batch_normalized": ch01.is_batch_normalized,
+    },
+    "02_test_time_problem": {
+        "my_predict_with_batch_stats": ch02.predict_with_batch_stats,
+        "my_fraction_changed": ch02.fraction_changed,
+    },
+    "03_ewa": {
+        "my_ema": ch03.ema,
+        "my_convert_momentum": ch03.convert_momentum,
+        "my_debiased_weight": ch03.debiased_weight,
+    },
+    "04_running_estimates": {
+        "my_bn_infer": ch04.bn_infer,
+        "my_update_running": ch04.update_running,
+        "MyBatchNorm": ch04.batch_norm_layer,
+    },
+    "05_population_stats": {
+        "my_merge": ch05.merge,
+        "my_algorithm2": ch05.algorithm2,
+        "my_layer_by_layer_stats": ch05.layer_by_layer_stats,
+    },
+    "06_robustness": {
+        "my_steps_needed": ch06.steps_needed,
+        "my_adabn": ch06.adabn,
+    },
+    "07_backprop": {
+        "my_backward": ch07.backward,
+        "my_directional_error": ch07.directional_error,
+    },
+    "08_folding": {
+        "my_fold_linear": ch08.fold_linear,
+        "my_fold_conv": ch08.fold_conv,
+    },
+    "09_distributed": {
+        "my_merge": ch09.merge,
+        "my_combine_variances": ch09.combine_variances,
+    },
+    "10_pitfalls": {
+        "my_batch_stat_layers": ch10.batch_stat_layers,
+        "my_stable_variance": ch10.stable_variance,
+    },
+}
+# The test modules that hold each chapter's typical wrong answers (WRONG: a list of (checker,
+# wrong answer, what the message must say)) and right answers written otherwise (RIGHT: a
+# list of (checker, right answer)).
+ANSWERS = {
+    "01_five_steps": "test_exercises_five_steps",
+    "02_test_time_problem": "test_exercises_ewa",
+    "03_ewa": "test_exercises_ewa",
+    "04_running_estimates": "test_exercises_population",
+    "05_population_stats": "test_exercises_population",
+    "06_robustness": "test_exercises_robustness",
+    "07_backprop": "test_exercises_deploy",
+    "08_folding": "test_exercises_deploy",
+    "09_distributed": "test_exercises_distributed",
+    "10_pitfalls": "test_exercises_pitfalls",
+}
+
+
+def chapter_path(chapter: str) -> Path:
+    """chapters/<chapter>.ipynb."""
+    return REPO / "chapters" / f"{chapter}.ipynb"
+
+
+def chapter_number(chapter: str) -> str:
+    """"4" for "04_running_estimates"."""
+    return str(int(chapter[:2]))
 
 
 def load_make_exercises():
@@ -88,10 +178,11 @@ def stub(prefix: str = "") -> Callable[[str], str]:
 
 
 def defined_functions(nb: nbformat.NotebookNode) -> set[str]:
-    """The names of the functions the notebook's exercise cells define: what the learner writes."""
+    """The names of the functions and classes the notebook's exercise cells define: what the
+    learner writes."""
     defined = set()
     for source in solution_cells(nb):
-        defined |= {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
+        defined |= {n.name for n in ast.parse(source).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     return defined
 
 
@@ -137,7 +228,7 @@ def assert_exercise_layout(
         assert f"def {name}(" in solution.source
         names = [name]
     else:
-        names = [n.name for n in ast.parse(solution.source).body if isinstance(n, ast.FunctionDef)]
+        names = [n.name for n in ast.parse(solution.source).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     assert end.cell_type == "markdown" and end.source.rstrip().endswith("```{solution-end}\n```")
     assert check_cell.cell_type == "code"
     graded = check_cell.source.splitlines()[0] if first_line_only else check_cell.source

@@ -1,11 +1,16 @@
 """The exercise checkers are honest, and the learners' copies hold no solutions.
 
-For every exercise of the chapters: the solution written in the notebook passes its
-checker; the stub that `make exercises` puts in its place fails with "not implemented";
-typical wrong answers fail with the message that names the mistake.
+For every exercise of every chapter (the table exercise_support.EXERCISES): the cells around
+it are laid out as the book expects; the solution written in the notebook passes its checker;
+the stub that `make exercises` puts in its place fails with "not implemented"; the learners'
+copy holds no solution; the typical wrong answers of the chapter's module in
+exercise_support.ANSWERS fail with the message that names the mistake, and its right answers
+written otherwise pass. Also: the checkers' shared machinery (bnkit.checks._core) and
+tools/make_exercises.py.
 """
 from __future__ import annotations
 
+import importlib
 import re
 import shutil
 import subprocess
@@ -22,17 +27,20 @@ from bnkit.checks._core import Case, ExerciseError, check_function
 
 pytest.register_assert_rewrite("exercise_support")
 from exercise_support import (  # noqa: E402
+    ANSWERS,
+    EXERCISES,
     MAKE_EXERCISES,
     REPO,
     assert_exercise_layout,
-    assert_one_success_line,
     assert_only_the_checks_fail,
     assert_stub_fails,
-    assert_two_diagnoses_each,
+    chapter_number,
+    chapter_path,
     defined_functions,
     diagnosis,
     exercise_namespace,
     exercise_prompts,
+    learner_copy_text,
     make_exercises,
     read_notebook,
     run_learner_copy,
@@ -40,101 +48,148 @@ from exercise_support import (  # noqa: E402
     stub,
 )
 
-CHAPTER = REPO / "chapters" / "01_five_steps.ipynb"
+ALL = [(chapter, name) for chapter, names in EXERCISES.items() for name in names]
+MIN_WRONG, MIN_RIGHT = 7, 2  # typical wrong answers and right answers written otherwise, each
+# chapters whose learners' copy is executed here (a kernel per chapter: the slow ones are left out)
+RUN_COPIES = ["04_running_estimates", "05_population_stats", "07_backprop", "08_folding", "10_pitfalls"]  # and 1
 
-# Every function a learner writes in a chapter, and the checker that grades it.
-CHECKERS = {
-    "my_batch_mean": ch01_five_steps.batch_mean,
-    "my_center": ch01_five_steps.center,
-    "my_batch_variance": ch01_five_steps.batch_variance,
-    "my_normalize": ch01_five_steps.normalize,
-    "my_scale_shift": ch01_five_steps.scale_shift,
-}
-
-
-# ---------------------------------------------------------------- the notebook's exercise cells
+WRONG = [(chapter, *row) for chapter in EXERCISES for row in importlib.import_module(ANSWERS[chapter]).WRONG
+         if row[0] in EXERCISES[chapter].values()]
+RIGHT = [(chapter, *row) for chapter in EXERCISES for row in importlib.import_module(ANSWERS[chapter]).RIGHT
+         if row[0] in EXERCISES[chapter].values()]
 
 
-def _notebook() -> nbformat.NotebookNode:
-    return read_notebook(CHAPTER)
+def _id(chapter, checker, answer, *_) -> str:
+    return f"{chapter[:2]}-{checker.__name__}-{getattr(answer, '__name__', 'answer')}"
+
+
+def _namespace(chapter: str, transform=None) -> dict:
+    return exercise_namespace(read_notebook(chapter_path(chapter)), transform, label=chapter)
 
 
 @pytest.fixture(scope="module")
 def solutions() -> dict:
-    return exercise_namespace(_notebook())
+    return {chapter: _namespace(chapter) for chapter in EXERCISES}
 
 
-@pytest.fixture(scope="module")
-def stubs() -> dict:
-    return exercise_namespace(_notebook(), stub())
+# ---------------------------------------------------------------- every exercise of every chapter
 
 
-def test_every_exercise_function_has_a_checker_here():
-    """A new exercise in the chapter must be added to CHECKERS (and so to these tests)."""
-    assert defined_functions(_notebook()) == set(CHECKERS)
+@pytest.mark.parametrize("chapter", EXERCISES)
+def test_every_exercise_function_has_a_checker_in_the_table(chapter):
+    """A new exercise in a chapter must be added to exercise_support.EXERCISES."""
+    assert defined_functions(read_notebook(chapter_path(chapter))) == set(EXERCISES[chapter])
 
 
-def test_each_exercise_is_followed_by_its_check_and_a_hidden_solution():
-    nb = _notebook()
-    exercises = exercise_prompts(nb)
-    assert len(exercises) >= 2
-    for i in exercises:
-        assert_exercise_layout(nb, i, "check")
+@pytest.mark.parametrize("chapter", EXERCISES)
+def test_each_exercise_is_followed_by_a_hidden_solution_and_its_check(chapter):
+    nb = read_notebook(chapter_path(chapter))
+    prompts = exercise_prompts(nb)
+    assert prompts == exercise_prompts(nb, make_exercises.EXERCISE) and len(prompts) >= 2
+    one = [len(re.findall(r"^(def|class) ", nb.cells[i + 2].source, re.M)) == 1 for i in prompts]
+    labels = [assert_exercise_layout(nb, i, "check", first_line_only=o) for i, o in zip(prompts, one)]
+    prefix = "-".join(labels[0].split("-")[:2]) + "-"  # ex-steps-, ex-pit-, ...
+    assert len(set(labels)) == len(labels) and all(label.startswith(prefix) for label in labels)
+    graded = [n for i in prompts for n in re.findall(r"^(?:def|class) ((?:my_|My)\w+)\(", nb.cells[i + 2].source, re.M)]
+    assert graded == list(EXERCISES[chapter])  # in the order of the table
 
 
-@pytest.mark.parametrize("name", sorted(CHECKERS))
-def test_solution_in_the_notebook_passes(name, solutions, capsys):
-    assert CHECKERS[name](solutions[name]) is None
-    assert_one_success_line(capsys.readouterr().out)
+@pytest.mark.parametrize("chapter, name", ALL)
+def test_solution_in_the_notebook_passes(chapter, name, solutions, capsys):
+    assert EXERCISES[chapter][name](solutions[chapter][name]) is None
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("✓ ")  # one short success line
 
 
-@pytest.mark.parametrize("name", sorted(CHECKERS))
-def test_stub_fails_with_not_implemented(name, stubs):
-    assert_stub_fails(CHECKERS[name], stubs[name], name)
+@pytest.mark.parametrize("chapter, name", ALL)
+def test_solution_passes_on_fresh_inputs_from_other_seeds(chapter, name, solutions, capsys):
+    """The checkers draw their inputs from a seed: a right answer passes whatever the seed."""
+    for seed in (1, 2):
+        assert EXERCISES[chapter][name](solutions[chapter][name], seed=seed) is None
+    assert capsys.readouterr().out.count("✓ ") == 2
 
 
-# ---------------------------------------------------------------- typical wrong answers
+@pytest.mark.parametrize("chapter, name", ALL)
+def test_stub_fails_with_not_implemented(chapter, name):
+    stubbed = _namespace(chapter, stub(f"Exercise {chapter_number(chapter)}.1: "))
+    error = assert_stub_fails(EXERCISES[chapter][name], stubbed[name], name)
+    assert error.__cause__ is None and error.__suppress_context__  # no traceback into bnkit
+    assert "Traceback" not in str(error)
+
+
+@pytest.mark.parametrize("chapter", EXERCISES)
+def test_learner_copy_has_no_solutions(chapter):
+    nb = read_notebook(chapter_path(chapter))
+    number = chapter_number(chapter)
+    text = learner_copy_text(nb, number)
+    stubs = re.findall(rf'raise NotImplementedError\("Exercise {number}\.(\d+): ', text)
+    blocks = sum(source.count(make_exercises.BEGIN) for source in solution_cells(nb))
+    assert len(stubs) == text.count("raise NotImplementedError") == blocks >= len(EXERCISES[chapter])
+    assert sorted(set(stubs), key=int) == [str(k) for k in range(1, len(exercise_prompts(nb)) + 1)]
+
+
+@pytest.mark.parametrize("chapter", RUN_COPIES)
+def test_learners_copy_of_the_chapter_runs_and_only_the_checks_fail(chapter):
+    """In the learners' copy every cell runs except the check cells, which say 'not implemented'."""
+    nb = read_notebook(chapter_path(chapter))
+    learner = run_learner_copy(nb, chapter_number(chapter), chapter_path(chapter).parent)
+    _, checks = assert_only_the_checks_fail(learner, "check.")
+    assert len(checks) == len(exercise_prompts(nb))
+
+
+# ---------------------------------------------------------------- typical wrong answers, right answers
+
+
+@pytest.mark.parametrize("chapter, checker, wrong, message", WRONG, ids=[_id(*row) for row in WRONG])
+def test_typical_wrong_answer_is_caught_and_named(chapter, checker, wrong, message):
+    text = diagnosis(checker, wrong)
+    assert message in text
+    assert "Traceback" not in text
+    with pytest.raises(ExerciseError):  # caught on the inputs of another seed too
+        checker(wrong, seed=1)
+
+
+@pytest.mark.parametrize("chapter, checker, right", RIGHT, ids=[_id(*row) for row in RIGHT])
+def test_right_answer_written_otherwise_passes(chapter, checker, right, capsys):
+    assert checker(right) is None
+    assert capsys.readouterr().out.startswith("✓ ")
+
+
+@pytest.mark.parametrize("chapter, name", ALL)
+def test_every_exercise_has_many_wrong_and_two_right_answers(chapter, name):
+    checker = EXERCISES[chapter][name]
+    assert sum(row[1] is checker for row in WRONG) >= MIN_WRONG
+    assert sum(row[1] is checker for row in RIGHT) >= MIN_RIGHT
+
+
+# ---------------------------------------------------------------- the checkers' shared machinery
 
 AXES = lambda z: tuple(a for a in range(z.ndim) if a != 1)  # noqa: E731
 VEC = lambda v, z: v.reshape((1, -1) + (1,) * (z.ndim - 2))  # noqa: E731
 
-WRONG = [
-    # step 1
-    (ch01_five_steps.batch_mean, lambda z: z.mean(axis=1), "wrong axis"),
-    (ch01_five_steps.batch_mean, lambda z: z.mean(axis=0), "over the batch axis only"),  # fine for (m, n), not 4-D
-    (ch01_five_steps.batch_mean, lambda z: z.mean(axis=AXES(z), keepdims=True), "drop keepdims"),
-    (ch01_five_steps.batch_mean, lambda z: z.sum(axis=AXES(z)), "did not divide by m"),
-    (ch01_five_steps.batch_mean, lambda z: z.mean(), "one mean of all the values"),
-    # step 2
-    (ch01_five_steps.center, lambda z, mu: VEC(mu, z) - z, "wrong sign"),
-    (ch01_five_steps.center, lambda z, mu: z + VEC(mu, z), "you added mu"),
-    (ch01_five_steps.center, lambda z, mu: z - z.mean(axis=1, keepdims=True), "each example's own mean"),
-    (ch01_five_steps.center, lambda z, mu: z - mu, "your function raised ValueError: operands could not be broadcast"),
-    # step 3
-    (ch01_five_steps.batch_variance, lambda x: x.var(axis=AXES(x), ddof=1), "you divided by m-1: at training time BN uses the biased 1/m"),
-    (ch01_five_steps.batch_variance, lambda x: x.std(axis=AXES(x)), "standard deviation"),
-    (ch01_five_steps.batch_variance, lambda x: x.mean(axis=AXES(x)), "square each value"),
-    (ch01_five_steps.batch_variance, lambda x: (x**2).mean(axis=1), "wrong axis"),
-    # step 4
-    (ch01_five_steps.normalize, lambda x, var, eps: x / (np.sqrt(VEC(var, x)) + eps), "eps belongs inside the square root"),
-    (ch01_five_steps.normalize, lambda x, var, eps: x / np.sqrt(VEC(var, x)), "you left out eps"),
-    (ch01_five_steps.normalize, lambda x, var, eps: x / VEC(var + eps, x), "divided by the variance"),
-    # step 5
-    (ch01_five_steps.scale_shift, lambda x, g, b: VEC(b, x) * x + VEC(g, x), "gamma and beta are swapped"),
-    (ch01_five_steps.scale_shift, lambda x, g, b: VEC(g, x) * x, "you left out beta"),
-    (ch01_five_steps.scale_shift, lambda x, g, b: VEC(g, x) * (x + VEC(b, x)), "beta is added after scaling"),
-    # steps 1-5 at once
-    (ch01_five_steps.forward_train, lambda z, g, b, eps: ref.forward_train(z - z.mean(axis=1, keepdims=True), g, b, eps)[0], "wrong values"),
-]
 
-
-@pytest.mark.parametrize("checker, wrong, message", WRONG, ids=[f"{c.__name__}-{m[:30]}" for c, _, m in WRONG])
-def test_typical_wrong_answer_is_diagnosed(checker, wrong, message):
-    assert message in diagnosis(checker, wrong)
-
-
-def test_every_checked_step_has_two_diagnosed_mistakes():
-    assert_two_diagnoses_each(WRONG, CHECKERS.values())
+@pytest.mark.parametrize("wrong, said", [
+    (lambda e: 2.5 * e, "every value is 2.5 times the expected one (a constant factor)"),
+    (lambda e: -e, "the sign is flipped"),
+    (lambda e: e + 0.75, "every value is off by the same constant 0.75 (an offset)"),
+    (lambda e: e + np.arange(e.shape[1]), "each feature (axis 1) is off by its own constant"),
+    (lambda e: e * np.arange(1, e.shape[1] + 1), "each feature (axis 1) is off by its own factor"),
+    (lambda e: np.where(np.arange(e.shape[1]) == 2, e + np.arange(len(e))[:, None], e),
+     "only feature (axis 1) [2] of 5 differ"),
+    (lambda e: e.T, "wrong shape: expected (8, 5), got (5, 8): transposed?"),
+    (lambda e: e[:, None], "extra axes of size 1 (keepdims=True"),
+    (lambda e: e.mean(axis=0), "you reduced over more axes than you should"),
+    (lambda e: np.where(e > 1, np.nan, e), "NaN or inf at"),
+    (lambda e: e * (1 + 1e-6), "close but not equal (largest relative difference 1.0e-06"),
+])
+def test_a_wrong_output_that_matches_no_known_mistake_is_described(wrong, said):
+    """check_function's fallback: how the output differs, on which input shape, with a hint."""
+    z = np.random.default_rng(0).normal(size=(8, 5)) + 0.5
+    cases = [Case("z of shape (8, 5)", (z,), "")]
+    with pytest.raises(ExerciseError) as info:
+        check_function("f", lambda z: wrong(z * 3), lambda z: z * 3, cases)
+    message = str(info.value)
+    assert said in message and "z of shape (8, 5)" in message and "Hint: " in message
 
 
 def test_a_learners_exception_is_reported_without_bnkit_traceback():
@@ -186,6 +241,14 @@ def test_a_new_checker_is_a_few_lines(capsys):
     assert capsys.readouterr().out == "✓ column_mean: correct on 1 test cases\n"
     with pytest.raises(ExerciseError, match="column_mean: you summed: take the mean"):
         check_function("column_mean", lambda z: z.sum(axis=0), lambda z: z.mean(axis=0), cases, diagnoses)
+
+
+CHAPTER = chapter_path("01_five_steps")
+CHECKERS = EXERCISES["01_five_steps"]
+
+
+def _notebook() -> nbformat.NotebookNode:
+    return read_notebook(CHAPTER)
 
 
 # ---------------------------------------------------------------- tools/make_exercises.py
@@ -299,11 +362,19 @@ def test_learners_copy_has_stubs_and_no_solutions_or_outputs(tmp_path):
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None
     stubs = re.findall(r'raise NotImplementedError\("Exercise 1\.(\d): ', code)
+<<<<<<< HEAD
     assert len(stubs) == len(CHECKERS) and set(stubs) == {"1", "2"}
     assert len(re.findall(r"\*\*Exercise 1\.[12]\*\*", text)) == 2  # the prompts stay, as plain Markdown
     assert all(f"({name})" in code for name in CHECKERS)  # and the check cells
     # only each exercise's two gate cells (its markdown) are gone; a last cell lists the works cited
     assert len(copy.cells) == len(nb.cells) - 4 + 1 and copy.cells[-1].source.startswith("## References")
+=======
+    exercises = len(exercise_prompts(nb))
+    assert len(stubs) == len(CHECKERS) and set(stubs) == {str(k) for k in range(1, exercises + 1)}
+    assert text.count("```{exercise}") == exercises  # the prompts stay
+    assert all(f"({name})" in code for name in CHECKERS)  # and the check cells
+    assert len(copy.cells) == len(nb.cells) - 2 * exercises  # only each exercise's two gate cells are gone
+>>>>>>> checks
 
 
 def test_script_reads_the_real_toc(tmp_path):

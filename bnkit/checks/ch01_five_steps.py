@@ -6,6 +6,7 @@
     normalize(fn)       fn(z_new, var, eps) -> z_norm             step 4
     scale_shift(fn)     fn(z_norm, gamma, beta) -> z_tilde        step 5
     forward_train(fn)   fn(z, gamma, beta, eps) -> (z_tilde, cache)
+    is_batch_normalized(fn)  fn(z_tilde, gamma, beta) -> bool: a property test of BN's output
 
 Each compares the learner's function with ``bnkit.reference`` on several cases ((m, n) and
 (m, C, H, W) inputs, m = 2, a feature with a large offset, a constant feature, float32) and
@@ -23,9 +24,10 @@ import numpy as np
 
 from bnkit import reference as ref
 from bnkit._validate import stat_axes, values_per_feature
-from bnkit.checks._core import Case, Variant, check_function
+from bnkit.checks._core import Case, ExerciseError, Variant, call_learner, check_function
 
-__all__ = ["batch_mean", "center", "batch_variance", "normalize", "scale_shift", "forward_train"]
+__all__ = ["batch_mean", "center", "batch_variance", "normalize", "scale_shift", "forward_train",
+           "is_batch_normalized"]
 
 
 def _vec(v: np.ndarray, ndim: int) -> np.ndarray:
@@ -105,6 +107,23 @@ def _cases(seed: int, *names: str) -> list[Case]:
     return cases
 
 
+def _given(seed: int, what: str) -> list[Case]:
+    """Cases where mu or var is given, not z's own (at test time: the running statistics)."""
+    rng = np.random.default_rng(seed + 100)
+    out = []
+    for label, s, hint in _stages(seed)[::3]:
+        z, eps = s["z"], s["eps"]
+        n = z.shape[1]
+        if what == "mu":
+            mu = (s["mu"] + rng.normal(0, 1, n)).astype(z.dtype)
+            out.append(Case(f"{label}, mu given (a running mean, not z's own)", (z, mu), hint))
+        else:
+            var = (s["var"] * rng.uniform(0.5, 2, n)).astype(z.dtype)
+            out.append(Case(f"{label}, eps = {eps:g}, var given (a running variance, not "
+                            "z_new's own)", (s["z_new"], var, eps), hint))
+    return out
+
+
 def _mean(x: np.ndarray, axes: tuple[int, ...] | None = None, **kw: Any) -> np.ndarray:
     return x.mean(axis=stat_axes(x.ndim) if axes is None else axes, **kw)
 
@@ -114,6 +133,15 @@ def _only_4d(z: np.ndarray, axes: tuple[int, ...]) -> tuple[int, ...]:
     if z.ndim != 4:
         raise ValueError("this mistake needs (m, C, H, W) input")
     return axes
+
+
+def _count_mistakes(total: Callable, what: str) -> list[tuple[Variant, str]]:
+    """Dividing a channel's sum by the wrong count (for (m, C, H, W) input)."""
+    return [
+        (lambda z: total(z, _only_4d(z, (0, 2, 3))) / z.shape[0],
+         f"you divided by m, not by m*H*W: for (m, C, H, W) input a channel's {what} is over "
+         "all m*H*W values, so divide by z.size // C"),
+    ]
 
 
 def _reduction_mistakes(reduce: Callable[..., np.ndarray], what: str) -> list[tuple[Variant, str]]:
@@ -142,7 +170,17 @@ def batch_mean(fn: Callable, seed: int = 0) -> None:
          "you summed but did not divide by m: mu = 1/m sum_i z_i"),
         (lambda z: z.sum(axis=stat_axes(z.ndim)) / (values_per_feature(z.shape) - 1),
          "you divided by m-1: the mean is 1/m sum_i z_i"),
-    ]
+        (lambda z: np.median(z, axis=stat_axes(z.ndim)),
+         "you took the median: step 1 is the mean, mu = 1/m sum_i z_i"),
+        (lambda z: _mean(z[:-1]), "you left out the last example (an off-by-one in the range "
+         "of examples): average all m of them"),
+        (lambda z: _mean(z[1:]), "you left out the first example (an off-by-one in the range "
+         "of examples): average all m of them"),
+        (lambda z: z.reshape(-1, z.shape[1]).mean(axis=0) if z.ndim == 4 else _only_4d(z, ()),
+         "for (m, C, H, W) input, z.reshape(-1, C) mixes the channels (it cuts the memory "
+         "order m, C, H, W into rows of C values): move the channel axis last first, or "
+         "average over axes (0, 2, 3)"),
+    ] + _count_mistakes(lambda z, axes: z.sum(axis=axes), "mean")
     check_function("batch_mean", fn, ref.batch_mean, _cases(seed, "z"), diagnoses)
 
 
@@ -156,8 +194,15 @@ def center(fn: Callable, seed: int = 0) -> None:
          "mean over the batch"),
         (lambda z, mu: z - mu.mean(), "you subtracted one number from everything: subtract each feature's own mu"),
         (lambda z, mu: z, "you returned z unchanged: subtract mu"),
+        (lambda z, mu: z - z.mean(axis=stat_axes(z.ndim), keepdims=True),
+         "you ignored the mu passed in and subtracted z's own batch mean: subtract the mu you "
+         "are given (at test time it is the running mean, not z's mean)"),
+        (lambda z, mu: z - mu.flat[0], "you subtracted one number from everything (mu[0]): "
+         "subtract each feature's own mu"),
+        (lambda z, mu: z / _vec(mu, z.ndim), "you divided by mu: centring subtracts it, z_new = z - mu"),
+        (lambda z, mu: z - 2 * _vec(mu, z.ndim), "you subtracted mu twice: z_new = z - mu"),
     ]
-    check_function("center", fn, ref.center, _cases(seed, "z", "mu"), diagnoses)
+    check_function("center", fn, ref.center, _cases(seed, "z", "mu") + _given(seed, "mu"), diagnoses)
 
 
 def batch_variance(fn: Callable, seed: int = 0) -> None:
@@ -175,7 +220,9 @@ def batch_variance(fn: Callable, seed: int = 0) -> None:
          "var = 1/m sum_i (z_new_i)^2 (not 1/m sum_i z_new_i, nor its square: z_new has mean 0)"),
         (lambda x: _mean(np.abs(x)), "you averaged |z_new|: square each value instead, 1/m sum_i (z_new_i)^2"),
         (lambda x: (x * x).sum(axis=stat_axes(x.ndim)), "you summed the squares but did not divide by m"),
-    ]
+        (lambda x: _mean(x * x) ** 2, "you squared the variance: var = 1/m sum_i (z_new_i)^2, "
+         "the mean of the squares, not its square"),
+    ] + _count_mistakes(lambda x, axes: (x * x).sum(axis=axes), "variance")
     check_function("batch_variance", fn, ref.batch_variance, _cases(seed, "z_new"), diagnoses)
 
 
@@ -192,8 +239,19 @@ def normalize(fn: Callable, seed: int = 0) -> None:
          "you multiplied by sqrt(var + eps): divide by it"),
         (lambda x, var, eps: x / np.sqrt(np.mean(var) + eps),
          "you divided by one number for all features: each feature uses its own var"),
+        (lambda x, var, eps: x / _vec(np.sqrt(var + eps**2), x.ndim),
+         "you added eps**2: eps is added as it is, sqrt(var + eps)"),
+        (lambda x, var, eps: x / _vec(np.sqrt(var + 1e-5), x.ndim),
+         "you used eps = 1e-5 whatever the argument: use the eps passed in"),
+        (lambda x, var, eps: x / _vec(np.sqrt(_mean(x * x) + eps), x.ndim),
+         "you recomputed the variance from z_new: use the var passed in (at test time it is the "
+         "running variance, not z_new's own)"),
+        (lambda x, var, eps: x / _vec(np.sqrt(_mean(x * x) * len(x) / (len(x) - 1)) + eps, x.ndim),
+         "you divided by z_new's own standard deviation (unbiased, with eps outside the root): "
+         "use the var passed in, sqrt(var + eps)"),
     ]
-    check_function("normalize", fn, ref.normalize, _cases(seed, "z_new", "var", "eps"), diagnoses)
+    cases = _cases(seed, "z_new", "var", "eps") + _given(seed, "var")
+    check_function("normalize", fn, ref.normalize, cases, diagnoses)
 
 
 def scale_shift(fn: Callable, seed: int = 0) -> None:
@@ -206,6 +264,12 @@ def scale_shift(fn: Callable, seed: int = 0) -> None:
         (lambda x, g, b: _vec(g, x.ndim) * (x + _vec(b, x.ndim)),
          "beta is added after scaling: gamma * z_norm + beta, not gamma * (z_norm + beta)"),
         (lambda x, g, b: x, "you returned z_norm unchanged: scale by gamma and shift by beta"),
+        (lambda x, g, b: _vec(np.abs(g), x.ndim) * x + _vec(b, x.ndim),
+         "you used |gamma|: gamma may be negative, and then it flips the feature's sign"),
+        (lambda x, g, b: _vec(g, x.ndim) * x - _vec(b, x.ndim), "you subtracted beta: z_tilde = gamma * z_norm + beta"),
+        (lambda x, g, b: x / _vec(g, x.ndim) + _vec(b, x.ndim), "you divided by gamma: gamma multiplies, z_tilde = gamma * z_norm + beta"),
+        (lambda x, g, b: g.flat[0] * x + _vec(b, x.ndim),
+         "you used gamma[0] for every feature: each feature has its own gamma"),
     ]
     check_function("scale_shift", fn, ref.scale_shift, _cases(seed, "z_norm", "gamma", "beta"), diagnoses)
 
@@ -240,3 +304,75 @@ def forward_train(fn: Callable, seed: int = 0) -> None:
     reference = lambda z, g, b, eps: ref.forward_train(z, g, b, eps)[0]  # noqa: E731
     cases = _cases(seed, "z", "gamma", "beta", "eps")
     check_function("forward_train", z_tilde_of, reference, cases, diagnoses)
+
+
+# ---------------------------------------------------------------- a property test of BN's output
+
+
+def _outputs(seed: int) -> list[tuple[str, tuple, bool, str]]:
+    """(label, (z_tilde, gamma, beta), whether it is a right BN output, what was done)."""
+    out = []
+    for k, (label, s, _) in enumerate(_stages(seed)):
+        z, gamma, beta, eps = s["z"], s["gamma"], s["beta"], s["eps"]
+        if "constant" in label:
+            continue  # a constant feature has spread 0, not |gamma|: left out of this exercise
+        eps = 1e-5
+        right = ref.forward_train(z, gamma, beta, eps)[0]
+        std = right.astype(np.float64).std(axis=stat_axes(z.ndim))
+        if not np.allclose(std, np.abs(gamma), rtol=1e-4):  # a feature with a tiny spread: eps shows
+            continue
+        out.append((f"the right output for {label}", (right, gamma, beta), True, ""))
+        ax, m = stat_axes(z.ndim), values_per_feature(z.shape)
+        z_new = z - _vec(_mean(z), z.ndim)
+        wrong = {
+            "normalised with the unbiased (1/(m-1)) variance":
+                z_new / _vec(np.sqrt(_mean(z_new**2) * m / (m - 1) + eps), z.ndim),
+            "with eps outside the square root (eps = 0.5)":
+                z_new / _vec(np.sqrt(_mean(z_new**2)) + 0.5, z.ndim),
+        }
+        for what, z_norm in wrong.items():
+            out.append((f"an output {what}, for {label}", (_vec(gamma, z.ndim) * z_norm + _vec(beta, z.ndim),
+                                                            gamma, beta), False, what))
+        norm = ref.forward_train(z, np.ones_like(gamma), np.zeros_like(beta), eps)[0]
+        per_example = (z - z.mean(axis=_wrong_axes(z.ndim), keepdims=True)) / np.sqrt(
+            z.var(axis=_wrong_axes(z.ndim), keepdims=True) + eps)
+        for what, z_tilde in [
+            ("normalised over the wrong axis (each example over its features)",
+             _vec(gamma, z.ndim) * per_example + _vec(beta, z.ndim)),
+            ("with gamma and beta swapped", _vec(beta, z.ndim) * norm + _vec(gamma, z.ndim)),
+            ("with beta left out", _vec(gamma, z.ndim) * norm),
+        ]:
+            out.append((f"an output {what}, for {label}", (z_tilde.astype(z.dtype), gamma, beta), False, what))
+    return out
+
+
+def is_batch_normalized(fn: Callable, seed: int = 0) -> None:
+    """Check ``fn(z_tilde, gamma, beta) -> bool``: True for every right training-mode BN output
+    (per feature: mean beta, biased standard deviation |gamma|, to a relative 1e-3), False for
+    the outputs of typical wrong implementations."""
+    __tracebackhide__ = True
+    name = "is_batch_normalized"
+    if not callable(fn):
+        raise ExerciseError(f"{name}: expected a function, got {type(fn).__name__}")
+    for label, args, right, what in _outputs(seed):
+        verdict = call_learner(name, fn, [a.copy() for a in args], label=label)
+        if not isinstance(verdict, (bool, np.bool_)):
+            shape = getattr(verdict, "shape", None)
+            raise ExerciseError(
+                f"{name}: return one bool (True or False), got {type(verdict).__name__}"
+                + (f" of shape {shape}: combine the per-feature tests with np.all(...)" if shape else "")
+            )
+        if right and not verdict:
+            raise ExerciseError(
+                f"{name}: you rejected {label}. Hint: per feature (axis 0, or axes (0, 2, 3) for 4-D), the "
+                "mean is beta and the biased standard deviation (ddof=0) is |gamma| (gamma may be negative); "
+                "eps makes the spread a little smaller, so compare with a relative tolerance such as 1e-3, "
+                "not with =="
+            )
+        if not right and verdict:
+            raise ExerciseError(
+                f"{name}: you accepted {label}: your test must fail on it. Hint: test both properties, "
+                "the mean beta and the standard deviation |gamma|, per feature, to a relative 1e-3 "
+                "(a tolerance of 0.1 lets the 1/(m-1) variance through)"
+            )
+    print(f"✓ {name}: accepts the right outputs and rejects the wrong ones ({len(_outputs(seed))} outputs)")

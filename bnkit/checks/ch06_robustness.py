@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import bnkit
-from bnkit.checks._core import Case, ExerciseError, call_learner, check_function
+from bnkit.checks._core import Case, does_not_apply, ExerciseError, call_learner, check_function
 from bnkit.course.nets import mlp
 
 __all__ = ["ExerciseError", "steps_needed", "adabn"]
@@ -41,7 +41,8 @@ def _steps_needed(momentum: float, fraction: float) -> int:
 def steps_needed(fn: Callable, seed: int = 0) -> None:
     """Check ``fn(momentum, fraction) -> k`` (PyTorch's momentum, the weight of the new batch)."""
     # cases where log(1 - fraction) / log(1 - momentum) is not a whole number (no round-off ties)
-    pairs = [(0.1, 0.99), (0.01, 0.99), (0.001, 0.5), (0.3, 0.9), (0.5, 0.999), (0.01, 0.632), (0.05, 0.95)]
+    # the last two: a large momentum, and a whole-number ratio (0.5**2 = 0.25 exactly)
+    pairs = [(0.1, 0.99), (0.01, 0.99), (0.001, 0.5), (0.3, 0.9), (0.05, 0.95), (0.6, 0.9), (0.5, 0.75)]
     cases = [Case(f"momentum = {m:g}, fraction = {f:g}", (m, f)) for m, f in pairs]
     ratio = lambda m, f: math.log(1 - f) / math.log(1 - m)  # noqa: E731
     diagnoses = [
@@ -64,6 +65,17 @@ def steps_needed(fn: Callable, seed: int = 0) -> None:
          "value that is left; the share of the batch statistic is 1 - (1 - momentum)**k"),
         (lambda m, f: math.ceil(math.log(1 - f) / math.log(1 - m)) + 1,
          "one step too many: k = 0 means no step yet, and after k steps the share is 1 - (1 - momentum)**k"),
+        (lambda m, f: int(ratio(m, f)) + 1 if ratio(m, f) == int(ratio(m, f)) else does_not_apply(),
+         "int(x) + 1 is one step too many when x = log(1 - fraction) / log(1 - momentum) is a whole "
+         "number (then 1 - (1 - momentum)**x equals fraction exactly, which is enough: >=); round up "
+         "with math.ceil(x)"),
+        (lambda m, f: math.ceil(-math.log(1 - f) / m),
+         "you used the small-momentum approximation log(1 - momentum) ~ -momentum: it is not exact "
+         "for a large momentum; divide by log(1 - momentum) itself"),
+        (lambda m, f: math.ceil(math.log(1 - m) / math.log(1 - f)),
+         "your ratio is upside down: k >= log(1 - fraction) / log(1 - momentum)"),
+        (lambda m, f: math.ceil(math.log10(1 - f) / math.log(1 - m)),
+         "you mixed logarithms of different bases (log10 and log): use the same base for both"),
     ]
     check_function("steps_needed", fn, _steps_needed, cases, diagnoses)
 
@@ -132,6 +144,31 @@ def _call_adabn(fn: Callable, model: nn.Module, X: np.ndarray, label: str) -> nn
     return adapted
 
 
+def _settings(model: nn.Module) -> list[tuple]:
+    """Each BN layer's name and settings (momentum, eps, affine, track_running_stats)."""
+    layers = bnkit.bn_layers(model)
+    return [(n, m.momentum, m.eps, m.affine, m.track_running_stats)
+            for n, m in model.named_modules() if any(m is bn for bn in layers)]
+
+
+def _check_settings(name: str, model: nn.Module, adapted: nn.Module) -> None:
+    """The adapted copy keeps the source's BN settings and dtype."""
+    changed = [a[0] for a, b in zip(_settings(adapted), _settings(model)) if a != b]
+    if changed:
+        raise ExerciseError(
+            f"{name}: you changed the settings of the returned copy's BN layer(s) "
+            f"{', '.join(map(repr, changed))} (momentum, eps, affine or track_running_stats): "
+            "AdaBN changes only running_mean and running_var"
+        )
+    dtypes = {p.dtype for p in adapted.parameters()} - {p.dtype for p in model.parameters()}
+    if dtypes:
+        raise ExerciseError(
+            f"{name}: the copy you returned has {', '.join(str(d).replace('torch.', '') for d in dtypes)} "
+            "parameters, the model passed in float32: compute in float64 if you like, but return a "
+            "model of the source's dtype"
+        )
+
+
 def _diagnose(old, got, exact, count: int, label: str) -> str:
     """The message for statistics ``got`` that differ from ``exact`` (lists of (name, mean, var))."""
     first = next(i for i, (g, e) in enumerate(zip(got, exact)) if not (_close(g[1], e[1]) and _close(g[2], e[2])))
@@ -181,6 +218,7 @@ def adabn(fn: Callable, seed: int = 0) -> None:
         bnkit.recompute_stats(reference, [torch.as_tensor(X)], estimator="exact", upstream="eval")
         got, exact = _stats(adapted), _stats(reference)
         if all(_close(g[1], e[1]) and _close(g[2], e[2]) for g, e in zip(got, exact)):
+            _check_settings("adabn", model, adapted)
             continue
         raise ExerciseError("adabn: " + _diagnose(_stats(model), got, exact, len(X), label))
     print(f"✓ adabn: correct on {len(cases)} models and target sets, and the source model is left unchanged")

@@ -64,6 +64,8 @@ def _wrong_backward(
     ones: bool = False,
     eps_outside: str = "",
     batch_count: bool = False,
+    no_eps: bool = False,
+    ddof: int = 0,
 ) -> Variant:
     """A backward pass with one typical mistake (staged form, like bnkit.reference.backward_staged)."""
 
@@ -74,7 +76,7 @@ def _wrong_backward(
         m = z_new.shape[0] if batch_count else values_per_feature(z_new.shape)
         if ones:
             dz_tilde = np.ones_like(dz_tilde)
-        std = np.sqrt(var) + eps if eps_outside else np.sqrt(var + eps)
+        std = np.sqrt(var) + eps if eps_outside else np.sqrt(var + (0.0 if no_eps else eps))
         dbeta = dz_tilde.sum(axis=axes)
         dgamma = (dz_tilde * z_norm).sum(axis=axes)
         dz_norm = dz_tilde * vec(g) if gamma else dz_tilde
@@ -84,7 +86,7 @@ def _wrong_backward(
         dz_new = dz_norm / vec(std)
         if var_path:
             dvar = -0.5 * (dz_norm * z_new).sum(axis=axes) / std**3
-            dz_new = dz_new + vec(dvar) * 2.0 * z_new / m
+            dz_new = dz_new + vec(dvar) * 2.0 * z_new / (m - ddof)
         dz = dz_new - vec(dz_new.sum(axis=axes)) / m if mu_path else dz_new
         return dz, dgamma, dbeta
 
@@ -117,6 +119,13 @@ _BACKWARD_DIAGNOSES = [
      "dgamma multiplies dz_tilde by z_norm (what gamma scales), not by z_new"),
     (lambda dz_tilde, c: (None, None, dz_tilde.mean(axis=stat_axes(dz_tilde.ndim))), "dbeta",
      "dbeta is a sum over the batch, not a mean: dbeta = sum_i dz_tilde_i"),
+    (_wrong_backward(no_eps=True), "dz",
+     "you left out eps: the forward pass divided by sqrt(var + eps), so the backward pass does too"),
+    (_wrong_backward(ddof=1), "dz",
+     "you divided by m-1 in the path through var: the forward pass used the biased 1/m variance, "
+     "so d var / d z_i = 2 z_new_i / m"),
+    (lambda dz_tilde, c: (-ref.backward(dz_tilde, c)[0], None, None), "dz",
+     "the sign of dz is flipped: dz = gamma / (m sqrt(var + eps)) * (m dz_tilde - dbeta - z_norm dgamma)"),
 ]
 
 
@@ -193,6 +202,57 @@ def _directions(spy: _Spy, x: np.ndarray, h: float) -> list[np.ndarray]:
     return [d for d in steps if np.max(np.abs(d)) > 1e-9]
 
 
+_DEFINITIONS = {  # relative-error definitions learners write, as functions of (numeric, analytic)
+    "max(|numeric|, |analytic|)": lambda n, a: abs(n - a) / max(abs(n), abs(a)),
+    "|numeric|": lambda n, a: abs(n - a) / abs(n),
+    "|analytic|": lambda n, a: abs(n - a) / abs(a),
+    "|numeric| + |analytic|": lambda n, a: abs(n - a) / (abs(n) + abs(a)),
+    "min(|numeric|, |analytic|)": lambda n, a: abs(n - a) / min(abs(n), abs(a)),
+    "max(|numeric|, |analytic|), without the absolute value on top": lambda n, a: (n - a) / max(abs(n), abs(a)),
+    "nothing (the absolute error)": lambda n, a: abs(n - a),
+}
+
+
+def _check_relative_errors(name: str, values: list[float], factors: tuple) -> None:
+    """values must be the relative errors of gradients `factors` times the true one: say which
+    definition the learner used when it is a known other one."""
+    right = _DEFINITIONS["max(|numeric|, |analytic|)"]
+    if all(math.isfinite(v) and math.isclose(v, right(1.0, f), rel_tol=1e-5) for v, f in zip(values, factors)):
+        return
+    for what, define in list(_DEFINITIONS.items())[1:]:
+        if all(math.isfinite(v) and math.isclose(v, define(1.0, f), rel_tol=1e-3) for v, f in zip(values, factors)):
+            break
+    else:
+        what = ""
+    v, f = next((v, f) for v, f in zip(values, factors)
+                if not (math.isfinite(v) and math.isclose(v, right(1.0, f), rel_tol=1e-5)))
+    which = {1.5: "1.5 times too large", 0.5: "half the true one", -1.0: "of the wrong sign"}.get(f, f"{f:g} times the true one")
+    said = (f"for a gradient {which} you returned {v:.4g}, expected "
+            f"|numeric - analytic| / max(|numeric|, |analytic|) = {right(1.0, f):.4g}")
+    if what and not what.startswith("nothing"):
+        raise ExerciseError(f"{name}: you divided by {what}: {said}")
+    raise ExerciseError(f"{name}: {said} (numeric is the centred difference, analytic = np.sum(grad * v))")
+
+
+def _check_direction(name: str, steps: list[np.ndarray], x: np.ndarray, h: float, seed: int) -> None:
+    """The points are x + h v and x - h v with v = np.random.default_rng(seed).standard_normal(x.shape)."""
+    v = np.random.default_rng(seed).standard_normal(x.shape)
+    if any(np.allclose(d, v, rtol=1e-6, atol=1e-9) for d in steps):
+        return
+    for d in steps:
+        c = float(np.sum(d * v) / np.sum(v * v))
+        if np.allclose(d, c * v, rtol=1e-6, atol=1e-9):
+            raise ExerciseError(
+                f"{name}: your step is {c:.4g} * h * v, not h * v: use the h you are given "
+                "(f at x + h*v and x - h*v)"
+            )
+    raise ExerciseError(
+        f"{name}: your direction is not v = np.random.default_rng(seed).standard_normal(x.shape): "
+        "draw v exactly so (a standard normal, from the seed you are given), so that the same seed "
+        "gives the same test"
+    )
+
+
 def directional_error(fn: Callable, seed: int = 0) -> None:
     """Check ``fn(f, x, grad, h=1e-5, seed=0) -> float``: the relative error of grad along a random direction.
 
@@ -231,17 +291,25 @@ def directional_error(fn: Callable, seed: int = 0) -> None:
             f"{name}: use the centred difference (f(x + h v) - f(x - h v)) / (2h), evaluated on both "
             "sides of x: a one-sided difference has an error of order h"
         )
+    if math.isfinite(value) and value < 0:
+        raise ExerciseError(
+            f"{name}: your relative error is negative ({value:.3g}) for a correct gradient: take the "
+            "absolute value, |numeric - analytic| / max(|numeric|, |analytic|)"
+        )
     if not math.isfinite(value) or not 0 <= value < 1e-6:
         raise ExerciseError(
             f"{name}: for a correct gradient of a quadratic you returned {value:.3g}; the centred "
             "difference is exact there, so expect round-off (< 1e-6). Return "
             "|numeric - <grad, v>| / max(|numeric|, |<grad, v>|), with <grad, v> = np.sum(grad * v)"
         )
-    wrong, _ = _run_check(name, fn, quadratic, x, 1.5 * grad, h, seed)
-    if not math.isfinite(wrong) or not 0.1 < wrong <= 1.0:
+    _check_direction(name, steps, x, h, seed)
+    factors = (1.5, 0.5, -1.0)  # too large, too small, the wrong sign
+    _check_relative_errors(name, [_run_check(name, fn, quadratic, x, f * grad, h, seed)[0] for f in factors], factors)
+    zero, _ = _run_check(name, fn, lambda y: 3.0, x, np.zeros_like(x), h, seed)
+    if zero != 0.0:
         raise ExerciseError(
-            f"{name}: for a gradient 1.5 times too large you returned {wrong:.3g}, expected about 1/3: "
-            "return |numeric - <grad, v>| / max(|numeric|, |<grad, v>|)"
+            f"{name}: for a constant f and a zero gradient (numeric = analytic = 0) you returned "
+            f"{zero:.3g}: return 0 when both are 0 (0/0 is not an error of the gradient)"
         )
     loss, z, dz, dz_no_var = _bn_loss(seed)
     right, _ = _run_check(name, fn, loss, z, dz, 1e-5, seed)

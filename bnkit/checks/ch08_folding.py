@@ -53,11 +53,12 @@ def _fold_cases(seed: int, conv: bool) -> list[Case]:
 
 def _wrong_fold(
     eps_outside: bool = False, no_sqrt: bool = False, no_gamma: bool = False, columns: bool = False,
-    bias: str = "",
+    bias: str = "", fixed_eps: bool = False, abs_gamma: bool = False,
 ) -> Variant:
     def f(W, b, gamma, beta, mean, var, eps):
+        eps = 1e-5 if fixed_eps else eps
         std = np.sqrt(var) + eps if eps_outside else (var + eps if no_sqrt else np.sqrt(var + eps))
-        s = (1.0 if no_gamma else gamma) / std
+        s = (1.0 if no_gamma else np.abs(gamma) if abs_gamma else gamma) / std
         if columns:  # along the input axis 1
             W2 = W * s.reshape((1, -1) + (1,) * (W.ndim - 2))
         else:
@@ -68,6 +69,8 @@ def _wrong_fold(
             "unscaled_b": b - mean * s + beta,
             "no_beta": (b - mean) * s,
             "mean_unscaled": b * s - mean + beta,
+            "no_gamma": (b - mean) / std + beta,
+            "sign": (mean - b) * s + beta,
         }[bias]
         return W2, b2
 
@@ -91,6 +94,13 @@ def _fold_diagnoses(axis_name: str) -> list[tuple[Variant, str, str]]:
         (_wrong_fold(bias="no_beta"), "b_folded", "you forgot beta: b' = (b - mean) * s + beta"),
         (_wrong_fold(bias="mean_unscaled"), "b_folded",
          "the mean is subtracted before scaling: b' = (b - mean) * s + beta, not b * s - mean + beta"),
+        (_wrong_fold(fixed_eps=True), "W_folded", "you used eps = 1e-5 whatever the argument: use the eps passed in"),
+        (_wrong_fold(abs_gamma=True), "W_folded", "you used |gamma|: gamma may be negative, s = gamma / sqrt(var + eps)"),
+        (lambda W, b, *a: (_fold_reference(W, b, *a)[0].T, None), "W_folded",
+         "you returned W_folded transposed: it has W's shape, (n_out, n_in), with row j scaled by s_j"),
+        (_wrong_fold(bias="no_gamma"), "b_folded",
+         "the bias is scaled by s = gamma / sqrt(var + eps), gamma included: b' = (b - mean) * s + beta"),
+        (_wrong_fold(bias="sign"), "b_folded", "wrong sign: b' = (b - mean) * s + beta, not (mean - b) * s + beta"),
     ]
 
 
@@ -101,7 +111,7 @@ def fold_linear(fn: Callable, seed: int = 0) -> None:
     """
     __tracebackhide__ = True
     check_results("fold_linear", fn, _fold_reference, _fold_cases(seed, conv=False), ("W_folded", "b_folded"),
-                  _fold_diagnoses(("rows (outputs)", "columns (inputs)")))
+                  _fold_diagnoses(("rows (outputs)", "columns (inputs)")), unchanged=True)
 
 
 def fold_conv(fn: Callable, seed: int = 0) -> None:
@@ -111,4 +121,4 @@ def fold_conv(fn: Callable, seed: int = 0) -> None:
     """
     __tracebackhide__ = True
     check_results("fold_conv", fn, _fold_reference, _fold_cases(seed, conv=True), ("W_folded", "b_folded"),
-                  _fold_diagnoses(("output channels (axis 0)", "input channels (axis 1)")))
+                  _fold_diagnoses(("output channels (axis 0)", "input channels (axis 1)")), unchanged=True)

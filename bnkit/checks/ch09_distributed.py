@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bnkit import running
-from bnkit.checks._core import Case, ExerciseError, check_function, not_implemented
+from bnkit.checks._core import Case, does_not_apply, ExerciseError, check_function, not_implemented
 from bnkit.running import BatchStats
 
 __all__ = ["ExerciseError", "merge", "combine_variances"]
@@ -99,6 +99,9 @@ def merge(fn: Callable, seed: int = 0) -> None:
     count_mistakes = [
         (lambda a, b: (a.count + b.count) / 2, "you averaged the counts: the merged set has n_a + n_b values"),
         (lambda a, b: max(a.count, b.count), "the merged count is n_a + n_b, the values of both sets"),
+        (lambda a, b: a.count if a.count == 0 else does_not_apply(),
+         "when a is empty (count 0) the union is b: you returned a; the formula needs no special "
+         "case (with n_a = 0 it gives b)"),
     ]
     mean_mistakes = [
         (lambda a, b: (a.mean + b.mean) / 2,
@@ -109,6 +112,13 @@ def merge(fn: Callable, seed: int = 0) -> None:
          "you summed count * mean but did not divide by n = n_a + n_b"),
         (lambda a, b: a.mean + _delta(a, b) * a.count / n_of(a, b),
          "the weights are swapped: mean = mean_a + delta * n_b / n (the larger set pulls the mean towards itself)"),
+        (lambda a, b: a.mean - _delta(a, b) * b.count / n_of(a, b),
+         "delta has the wrong sign: delta = mean_b - mean_a, and the mean is mean_a + delta * n_b / n"),
+        (lambda a, b: a.mean if a.count == 0 else does_not_apply(),
+         "when a is empty (count 0) the union is b: you returned a's mean; the formula needs no special "
+         "case (with n_a = 0 it gives b)"),
+        (lambda a, b: np.float32(a.mean) + (np.float32(b.mean) - np.float32(a.mean)) * (b.count / n_of(a, b)),
+         "you computed in float32: it keeps about 7 digits, too few for values near 1e6; keep float64"),
     ]
     between = lambda a, b: _delta(a, b) ** 2 * (a.count * b.count / n_of(a, b))  # noqa: E731
     m2_mistakes = [
@@ -123,6 +133,10 @@ def merge(fn: Callable, seed: int = 0) -> None:
          "you averaged the M2s: M2 is a sum of squared deviations, so the two sets' M2s add up"),
         (lambda a, b: (a.m2 + b.m2 + between(a, b)) / n_of(a, b),
          "you returned the variance M2 / n: M2 is the sum of squared deviations, not divided by the count"),
+        (lambda a, b: a.m2 + b.m2 + _delta(a, b) ** 2 * a.count * b.count / (n_of(a, b) - 1),
+         "the between-group term divides by n = n_a + n_b, not n - 1: delta^2 * n_a * n_b / n"),
+        (lambda a, b: a.m2 + b.m2 + _delta(a, b) ** 2 * (a.count * b.count / n_of(a, b)) ** 2,
+         "square delta, not the counts: delta^2 * n_a * n_b / n"),
         (lambda a, b: a.m2 + b.m2 + ((a.mean + b.mean) / 2 - a.mean) ** 2 * a.count
          + ((a.mean + b.mean) / 2 - b.mean) ** 2 * b.count,
          "the between-group term measures the distance of each set's mean from the *merged* mean "
@@ -201,6 +215,16 @@ def combine_variances(fn: Callable, seed: int = 0) -> None:
         (lambda c, m, v: (within(c, v) + (m - m.mean(axis=0)) ** 2 @ np.ones(len(c))) / (c.sum() - 1),
          "the between-worker term weights each squared distance by the worker's count: "
          "sum_k n_k (mean_k - mean)^2"),
+        (lambda c, m, v: (within(c, v) + between(c, m) / c.sum()) / (c.sum() - 1),
+         "you divided the between-worker term by N before adding it: both sums of squared "
+         "deviations add as they are, then divide the total by N - 1"),
+        (lambda c, m, v: (within(c, v) + ((c[:, None] - 1) * (m - parts(c, m)[2]) ** 2).sum(axis=0)) / (c.sum() - 1),
+         "the between-worker term weights by n_k, not n_k - 1: sum_k n_k (mean_k - mean)^2 (each of the "
+         "n_k values sits at mean_k on average)"),
+        (lambda c, m, v: (c[:, None] * np.sqrt(v)).sum(axis=0) ** 2 / c.sum() ** 2,
+         "you averaged standard deviations: combine variances (sums of squared deviations), not their roots"),
+        (lambda c, m, v: np.stack([parts(c, m)[2], _combine(c, m, v)]),
+         "return only the variance, shape (n,): not (mean, var)"),
     ]
     name = "combine_variances"
     if not callable(fn):

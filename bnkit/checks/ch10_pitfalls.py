@@ -8,7 +8,13 @@ Each runs the learner's function on fresh inputs, prints one line on success and
 """
 from __future__ import annotations
 
+import ast
+import contextlib
+import inspect
+import re
+import textwrap
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +53,24 @@ def _convnet() -> nn.Sequential:
     )
 
 
+class FrozenBatchNorm2d(nn.Module):
+    """Like torchvision's: BN's buffers, but a fixed affine map (never batch statistics)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        for k, v in dict(weight=torch.ones(n), bias=torch.zeros(n), running_mean=torch.zeros(n),
+                         running_var=torch.ones(n)).items():
+            self.register_buffer(k, v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        return x * scale[:, None, None] + (self.bias - self.running_mean * scale)[:, None, None]
+
+
+class ChannelNorm(nn.BatchNorm2d):
+    """A BatchNorm2d subclass whose class name does not say BatchNorm."""
+
+
 def _layer_cases() -> list[Case]:
     """(label, (model,)): models in every state a learner meets; each case builds a fresh model."""
     train_mode = _mlp().train()
@@ -61,6 +85,12 @@ def _layer_cases() -> list[Case]:
         nn.Linear(6, 8), nn.LayerNorm(8), nn.Dropout(0.1), nn.Linear(8, 8), nn.GroupNorm(2, 8), nn.BatchNorm1d(8)
     ).train()
     other_norms[5].eval()
+    torch.manual_seed(0)
+    video = nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2), nn.ReLU(), nn.Conv3d(2, 2, 1),
+                          bnkit.BatchNorm3d(2)).train()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(_mlp()).train()  # listing needs no process group
+    named = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.Conv2d(4, 4, 3), ChannelNorm(4),
+                          nn.Conv2d(4, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True)).train()
     return [
         Case("an MLP with two BatchNorm1d layers, after model.train()", (train_mode,)),
         Case("the same MLP after model.eval()", (eval_mode,)),
@@ -71,6 +101,10 @@ def _layer_cases() -> list[Case]:
         Case("a BN layer inside a nested Sequential, in training mode", (nested,)),
         Case("model.eval() with a BatchNorm1d(track_running_stats=False)", (no_running,)),
         Case("LayerNorm, Dropout and GroupNorm in training mode, the only BN in eval mode", (other_norms,)),
+        Case("a 3-D conv net with nn.BatchNorm3d and bnkit.BatchNorm3d, in training mode", (video,)),
+        Case("an MLP converted to SyncBatchNorm, in training mode", (synced,)),
+        Case("a conv net in training mode with a FrozenBatchNorm2d (torchvision's: a fixed affine "
+             "map), a BatchNorm2d subclass named ChannelNorm and an InstanceNorm2d", (named,)),
     ]
 
 
@@ -95,6 +129,30 @@ def _training_only(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training]
 
 
+def _only_1d_2d(model: nn.Module) -> list[str]:
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d)
+    return [name for name, m in model.named_modules() if isinstance(m, kinds) and _uses_batch_stats(m)]
+
+
+def _class_name(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules()
+            if "BatchNorm" in type(m).__name__ and (m.training or not getattr(m, "track_running_stats", True))]
+
+
+def _has_running_mean(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules()
+            if hasattr(m, "running_mean") and (m.training or not getattr(m, "track_running_stats", True))]
+
+
+def _norm_base(model: nn.Module) -> list[str]:
+    base = nn.modules.batchnorm._NormBase
+    return [name for name, m in model.named_modules() if isinstance(m, base) and (m.training or not m.track_running_stats)]
+
+
+def _eval_ones(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, _BatchNorm) and not _uses_batch_stats(m)]
+
+
 def _top_level(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_children() if _uses_batch_stats(m)]
 
@@ -115,9 +173,25 @@ _LAYER_DIAGNOSES: list[tuple[Callable[[nn.Module], list[str]], str]] = [  # the 
     (_exact_type,
      "you compared type(m) with the BatchNorm classes: that misses subclasses such as bnkit's "
      "drop-in BatchNorm1d or SyncBatchNorm; use isinstance(m, _BatchNorm)"),
+    (_only_1d_2d,
+     "you only looked for BatchNorm1d and BatchNorm2d: BatchNorm3d and SyncBatchNorm normalise with "
+     "batch statistics too; they all derive from torch.nn.modules.batchnorm._BatchNorm, so test "
+     "isinstance(m, _BatchNorm)"),
+    (_class_name,
+     "you matched the class name: FrozenBatchNorm2d is named BatchNorm but is a fixed affine map, "
+     "and a subclass may be named anything (ChannelNorm here); test isinstance(m, _BatchNorm)"),
+    (_has_running_mean,
+     "you looked for a running_mean attribute: FrozenBatchNorm2d and InstanceNorm have one too, "
+     "and a BN layer with track_running_stats=False has it set to None; test isinstance(m, _BatchNorm)"),
+    (_norm_base,
+     "you tested isinstance(m, _NormBase): InstanceNorm shares that base class but normalises each "
+     "example on its own, never with the batch; test _BatchNorm"),
     (_top_level,
      "you only looked at the top-level layers (model.children() or iterating over the model): "
      "BN layers can sit inside nested blocks; model.named_modules() visits them all"),
+    (_eval_ones,
+     "you listed the BN layers that would use their running statistics: the question is the other "
+     "way round, the layers in training mode (or without running statistics)"),
 ]
 
 
@@ -166,10 +240,29 @@ def batch_stat_layers(fn: Callable, seed: int = 0) -> None:
         got = _names(name, fn, case)
         if got == expected:
             continue
-        for variant, message in _LAYER_DIAGNOSES:
-            if sorted(variant(case.args[0])) == got:
+        answers = {}  # the learner's answer on every case, for a diagnosis that explains them all
+        for other in cases:
+            try:
+                answers[other.label] = _names(name, fn, other)
+            except ExerciseError:
+                pass
+        matches = [(v, m) for v, m in _LAYER_DIAGNOSES if sorted(v(case.args[0])) == got]
+        for variant, message in matches:
+            if all(sorted(variant(c.args[0])) == answers[c.label] for c in cases if c.label in answers):
                 raise ExerciseError(f"{name}: {message} (on {case.label})")
-        raise ExerciseError(f"{name}: on {case.label}: expected {expected}, got {got}")
+        if matches:
+            raise ExerciseError(f"{name}: {matches[0][1]} (on {case.label})")
+        missed, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        model = dict(case.args[0].named_modules())
+        what = lambda names: ", ".join(  # noqa: E731
+            f"{n!r} ({type(model[n]).__name__ if n in model else 'no such module'}, "
+            f"{'training' if n in model and model[n].training else 'eval'} mode)" for n in names)
+        said = (f"you missed {what(missed)}" if missed else "") + ("; " if missed and extra else "") + (
+            f"you listed {what(extra)}, which would not use batch statistics" if extra else "")
+        raise ExerciseError(
+            f"{name}: on {case.label}: {said}. Hint: a layer uses batch statistics when it is a "
+            "_BatchNorm and is in training mode or has track_running_stats=False"
+        )
     print(f"✓ {name}: correct on {len(cases)} test cases")
 
 
@@ -224,6 +317,23 @@ _VARIANCE_DIAGNOSES: list[tuple[Callable[[np.ndarray], np.ndarray], str]] = [
 ]
 
 
+def _welford_wrong_update(z: np.ndarray) -> np.ndarray:
+    mean, m2 = np.zeros(z.shape[1]), np.zeros(z.shape[1])
+    for k, x in enumerate(z, start=1):
+        mean = mean + (x - mean) / k
+        m2 = m2 + (x - mean) ** 2  # (x - new mean)^2, not (x - old mean)(x - new mean)
+    return m2 / len(z)
+
+
+_MORE_VARIANCE_DIAGNOSES: list[tuple[Callable[[np.ndarray], np.ndarray], str]] = [
+    (lambda z: ((z - np.median(z, axis=0)) ** 2).mean(axis=0),
+     "you centred with the median: subtract the mean, mu = 1/m sum_i z_i"),
+    (_welford_wrong_update,
+     "Welford's update multiplies the deviations from the old and the new mean: "
+     "M_k = M_{k-1} + (x_k - mu_{k-1}) (x_k - mu_k), not (x_k - mu_k)^2"),
+]
+
+
 def _cancellation_message(name: str, case: Case, got: np.ndarray, expected: np.ndarray) -> str:
     z = case.args[0]
     offset = f"1e{int(round(np.log10(float(np.abs(z.mean())))))}"  # e.g. "1e4"
@@ -244,6 +354,46 @@ def _cancellation_message(name: str, case: Case, got: np.ndarray, expected: np.n
     )
 
 
+_FORBIDDEN = ("var", "nanvar", "std", "nanstd", "variance", "pvariance")
+
+
+def _forbidden_call(fn: Callable) -> str | None:
+    """The name of a library variance the learner's code calls (np.var, z.var(), np.std, ...)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return None
+    try:
+        nodes = list(ast.walk(ast.parse(source)))
+    except SyntaxError:  # a lambda cut out of a larger expression: look at the text
+        found = re.search(r"\.(" + "|".join(_FORBIDDEN) + r")\(", source)
+        return found[1] if found else None
+    for node in nodes:
+        if isinstance(node, ast.Call):
+            f = node.func
+            called = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            if called in _FORBIDDEN:
+                return called
+    return None
+
+
+@contextlib.contextmanager
+def _no_library_variance():
+    """np.var, np.std (and their nan versions) raise while the learner's function runs."""
+    saved = {k: getattr(np, k) for k in ("var", "nanvar", "std", "nanstd")}
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("np.var and np.std are not allowed in this exercise")
+
+    try:
+        for k in saved:
+            setattr(np, k, refuse)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(np, k, v)
+
+
 def stable_variance(fn: Callable, seed: int = 0) -> None:
     """Check ``fn(z) -> var``: z (m, n), var (n,) the biased per-feature variance, which must stay
     accurate (relative error < 1e-3 in float32) when every feature sits far from 0."""
@@ -251,16 +401,24 @@ def stable_variance(fn: Callable, seed: int = 0) -> None:
     name = "stable_variance"
     if not callable(fn):
         raise ExerciseError(f"{name}: expected a function, got {type(fn).__name__}")
+    called = _forbidden_call(fn)
+    if called:
+        raise ExerciseError(
+            f"{name}: you called {called}(): the exercise asks you to compute the variance yourself, "
+            "without np.var (or std), to see what makes it accurate: subtract the mean first and "
+            "average the squares, or use Welford's update"
+        )
     cases = _variance_cases(seed)
     for case, offset in cases:
         expected = _reference_variance(case.args[0])
-        got = _call(name, fn, case)
+        with _no_library_variance():
+            got = _call(name, fn, case)
         if _close_variance(got, expected, case):
             continue
         if offset and got.shape == expected.shape and np.all(np.isfinite(got)):
             raise ExerciseError(_cancellation_message(name, case, got, expected))
         z64 = case.args[0].astype(np.float64)
-        for variant, message in _VARIANCE_DIAGNOSES:
+        for variant, message in _VARIANCE_DIAGNOSES + _MORE_VARIANCE_DIAGNOSES:
             wrong = np.asarray(variant(z64), dtype=np.float64)
             if wrong.shape == got.shape and np.allclose(got, wrong, rtol=1e-6 if not case.float32 else 1e-3, atol=1e-12):
                 raise ExerciseError(f"{name}: {message} (on {case.label})")
@@ -271,5 +429,18 @@ def stable_variance(fn: Callable, seed: int = 0) -> None:
         j = int(np.argmax(np.abs(got - expected)))
         raise ExerciseError(
             f"{name}: wrong values on {case.label}: feature {j}: expected {expected[j]:.6g}, got {got[j]:.6g}"
+            f" ({got[j] / expected[j]:.4g} times it). Hint: var = 1/m sum_i (z_i - mu)^2 per feature"
+            if expected[j] else
+            f"{name}: wrong values on {case.label}: feature {j}: expected 0 (a constant feature), got {got[j]:.6g}"
         )
+    for case, _ in cases:
+        z = case.args[0]
+        with _no_library_variance():
+            out = call_learner(name, fn, (z.copy(),), label=case.label)
+        dtype = getattr(out, "dtype", None)
+        if z.dtype == np.float32 and dtype is not None and str(dtype).endswith("float64"):
+            raise ExerciseError(
+                f"{name}: your variance of float32 data (on {case.label}) is float64: compute it in the "
+                "dtype of z, as the exercise asks; two passes are accurate in float32 too, which is the point"
+            )
     print(f"✓ {name}: correct on {len(cases)} test cases")
