@@ -306,10 +306,13 @@ def accessible_body(app: Sphinx, pagename: str, templatename: str, context: dict
     """Docutils marks the bibliography `role="list"` with `role="doc-biblioentry"` entries,
     a deprecated role that is no list item (axe: aria-required-children, critical); a table's
     empty corner cell (a pandas index) is a header with no text (empty-table-header): it
-    becomes a plain cell."""
+    becomes a plain cell; the toggle of a folded (hide-input) cell is labelled "Toggle hidden
+    content" while it shows "Show code cell source" (label-content-name-mismatch, serious):
+    without the label its name is the text it shows."""
     body = context.get("body")
     if isinstance(body, str):
         body = body.replace('role="doc-biblioentry"', 'role="listitem"')
+        body = body.replace('<summary aria-label="Toggle hidden content">', "<summary>")
         context["body"] = _EMPTY_TH.sub(r"<td\1>\2</td>", body)
 
 
