@@ -37,11 +37,16 @@ from bnkit.running import BatchStats
 # ---------------------------------------------------------------- merging across ranks
 
 
-def comm_device(group=None) -> torch.device:
-    """Where the group's collectives run: the current CUDA device for NCCL, else the CPU (gloo)."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def comm_device(group=None, device: torch.device | None = None) -> torch.device:
+    """Where the group's collectives run: the CPU for gloo and MPI; otherwise ``device`` (the
+    tensors' own, for NCCL and other accelerator backends), by default the current CUDA
+    device for NCCL and the CPU for any other backend."""
+    backend = dist.get_backend(group)
+    if backend in ("gloo", "mpi"):
+        return torch.device("cpu")
+    if device is not None:
+        return device
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def _gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
@@ -79,11 +84,9 @@ def all_reduce_stats(stats: BatchStats, group=None) -> BatchStats:
         total = BatchStats(0, torch.zeros_like(mean), torch.zeros_like(m2))
     else:
         total = running.merge_all(per_rank)
-    if not is_tensor:
-        total = BatchStats(total.count, total.mean.cpu(), total.m2.cpu())
     if is_tensor:
         return BatchStats(total.count, total.mean.to(device), total.m2.to(device))
-    return BatchStats(total.count, total.mean.numpy(), total.m2.numpy())
+    return BatchStats(total.count, total.mean.cpu().numpy(), total.m2.cpu().numpy())
 
 
 def naive_all_reduce_moments(z: torch.Tensor, group=None) -> tuple[int, torch.Tensor, torch.Tensor]:

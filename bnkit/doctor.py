@@ -254,7 +254,7 @@ def doctor(
             f"forward must be a callable forward(model, batch) or None, got {forward!r}")
     if not any(isinstance(m, _BatchNorm) for m in model.modules()):
         raise ValueError(f"the model has no BatchNorm layer to audit ({type(model).__name__})")
-    forward = forward or _default_forward
+    forward = forward or population._default_forward(population.model_device(model))
     batches = _first_batches(batches, max_batches)
     if next(iter(batches), _NO_BATCH) is _NO_BATCH:
         raise ValueError("doctor needs at least one batch, got an empty iterable")
@@ -311,12 +311,6 @@ def _first_batches(batches: Iterable, max_batches: int | None) -> Iterable:
     if iter(batches) is batches:  # a one-shot iterator: keep the batches for more than one pass
         return list(itertools.islice(batches, max_batches))
     return batches if max_batches is None else _FirstBatches(batches, max_batches)
-
-
-def _default_forward(model: nn.Module, batch):
-    """model(x) for a batch x or (x, y, ...) (a DataLoader's), x moved to the model's device."""
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return model(x.to(population.model_device(model)))
 
 
 class _Watch:

@@ -67,7 +67,8 @@ class _EstimatorBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", estimator={self.estimator!r}"
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, z: torch.Tensor) -> None:
+        """The input's dimensions and channels, and eps and momentum (which a user may reassign)."""
         self._check_input_dim(z)  # ValueError for a wrong number of dimensions
         if z.shape[1] != self.num_features:
             raise ValueError(
@@ -75,6 +76,9 @@ class _EstimatorBatchNorm(_BatchNorm):
             )
         check_eps(self.eps)
         check_momentum(self.momentum)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
         if not self.training and self.track_running_stats:  # test time: fixed statistics
             return F.batch_norm(z, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         check_batch_size(z)  # more than one value per feature/channel

@@ -34,7 +34,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit import running
-from bnkit._validate import all_finite, check_eps, check_momentum, feature_axes, values_per_feature
+from bnkit._validate import all_finite, feature_axes, values_per_feature
+from bnkit.distributed import _gather, comm_device
 from bnkit.modules import _EstimatorBatchNorm
 from bnkit.running import BatchStats
 
@@ -101,7 +102,7 @@ class SyncBatchNorm(_EstimatorBatchNorm):
             return super().forward(z)
         refused = None
         try:
-            self._check_input(z)
+            self._check_input(z)  # not the local batch size: a part may be empty
             local = _local_stats(z.detach(), self.num_features)  # (2C + 2,) float64
         except ValueError as e:  # still take part in the gather, so the other ranks raise too
             refused = e
@@ -118,23 +119,11 @@ class SyncBatchNorm(_EstimatorBatchNorm):
             invstd.to(z.dtype).reshape(shape), total.count, self.process_group,
         )
 
-    def _check_input(self, z: torch.Tensor) -> None:
-        """What _EstimatorBatchNorm checks, except the local batch size (a part may be empty)."""
-        self._check_input_dim(z)
-        if z.shape[1] != self.num_features:
-            raise ValueError(
-                f"expected {self.num_features} features/channels on axis 1, "
-                f"got input of shape {tuple(z.shape)}"
-            )
-        check_eps(self.eps)
-        check_momentum(self.momentum)
-
     def _gather_and_merge(self, local: torch.Tensor, device, refused) -> BatchStats:
         """All-gather every rank's (flag, count, mean, M2) and merge; raise on every rank alike."""
         group = self.process_group
-        on = _collective_device(group, device)
-        parts = [torch.empty_like(local, device=on) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local.to(on), group=group)  # the forward's one collective
+        # the forward's one collective
+        parts = _gather(local.to(comm_device(group, device)), group)
         packed = torch.stack(parts)  # (K, 2C + 2): flag, count, mean (C), M2 (C) per rank
         head = packed[:, :2].tolist()  # one host sync: flags and counts
         if refused is not None:
@@ -177,12 +166,6 @@ def _local_stats(z: torch.Tensor, num_features: int) -> torch.Tensor:
     return torch.cat([head, mean, m2])  # (2C + 2,)
 
 
-def _collective_device(group, device: torch.device) -> torch.device:
-    """NCCL (and other accelerator backends) need tensors on the device; gloo and MPI on CPU."""
-    backend = dist.get_backend(group)
-    return torch.device("cpu") if backend in ("gloo", "mpi") else device
-
-
 class _SyncNorm(torch.autograd.Function):
     """y = gamma * (z - mu) * invstd + beta, with mu, invstd those of the global batch.
 
@@ -210,8 +193,7 @@ class _SyncNorm(torch.autograd.Function):
         dz = None
         if ctx.needs_input_grad[0]:  # the same on every rank: all take part or none
             sums = torch.cat([sum_dy, sum_dy_xhat]).to(torch.float64)  # (2C,)
-            on = _collective_device(ctx.group, dy.device)
-            sums = sums.to(on)
+            sums = sums.to(comm_device(ctx.group, dy.device))
             dist.all_reduce(sums, group=ctx.group)  # the backward's one collective
             sum_dy_g, sum_dy_xhat_g = (sums.to(dy.device) / ctx.count).to(dy.dtype).chunk(2)
             shape = invstd.shape

@@ -322,7 +322,7 @@ def _outputs(seed: int) -> list[tuple[str, tuple, bool, str]]:
         if not np.allclose(std, np.abs(gamma), rtol=1e-4):  # a feature with a tiny spread: eps shows
             continue
         out.append((f"the right output for {label}", (right, gamma, beta), True, ""))
-        ax, m = stat_axes(z.ndim), values_per_feature(z.shape)
+        m = values_per_feature(z.shape)
         z_new = z - _vec(_mean(z), z.ndim)
         wrong = {
             "normalised with the unbiased (1/(m-1)) variance":
